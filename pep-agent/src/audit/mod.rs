@@ -1,0 +1,9 @@
+//! The audit stream: kernel events decoded into SPEC records, chained, and
+//! written to sinks; and the reader side (`events tail`).
+
+pub mod clock;
+pub mod compact;
+pub mod decode;
+pub mod record;
+pub mod sink;
+pub mod tail;

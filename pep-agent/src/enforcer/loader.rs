@@ -1,0 +1,181 @@
+//! Loading and attaching the eBPF programs.
+
+use std::{fs::File, os::fd::AsFd as _, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{CgroupSockAddr, Lsm, ProgramError},
+};
+use pep_common::event::{COUNTER_DECISIONS, COUNTER_LOST};
+
+use super::attach;
+use crate::kernel::btf::{self, KernelBtf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnforcerError {
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("BPF LSM is not available: {reason}; {hint}", hint = crate::kernel::features::ENABLE_BPF_LSM)]
+    LsmUnavailable { reason: String },
+    #[error("map {0} is missing from the eBPF object")]
+    NoMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup { path: String, source: std::io::Error },
+}
+
+/// The network hooks, attached to each sandbox's cgroup.
+pub const NET_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// The LSM hooks, attached globally and scoped by cgroup in the programs.
+pub const LSM_PROGRAMS: [(&str, &str); 1] = [("file_open", "file_open")];
+
+/// What to load.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Load and attach the BPF LSM programs (files, exec).
+    pub lsm: bool,
+}
+
+/// The loaded object: programs, maps, and the links that keep them attached.
+/// Dropping it detaches everything and frees the maps.
+pub struct Enforcer {
+    pub(crate) ebpf: Ebpf,
+    lsm: bool,
+}
+
+impl Enforcer {
+    /// Loads the embedded object and the network programs; with `opts.lsm`,
+    /// also loads and attaches the LSM programs.
+    pub fn load(opts: LoadOptions) -> Result<Self, EnforcerError> {
+        let kbtf = KernelBtf::load()?;
+        let offsets = btf::program_offsets(&kbtf)?;
+        let mut loader = EbpfLoader::new();
+        for (name, value) in &offsets {
+            loader.override_global(name, value, true);
+        }
+        let mut ebpf = loader.load(crate::ebpf::OBJECT)?;
+        for name in NET_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|source| EnforcerError::Program { name, source })?;
+        }
+        let mut this = Self { ebpf, lsm: false };
+        if opts.lsm {
+            this.load_lsm()?;
+        }
+        Ok(this)
+    }
+
+    fn load_lsm(&mut self) -> Result<(), EnforcerError> {
+        let lsm_list = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+        if !lsm_list.trim().split(',').any(|l| l == "bpf") {
+            return Err(EnforcerError::LsmUnavailable {
+                reason: format!("the kernel's LSM list is `{}`, without bpf", lsm_list.trim()),
+            });
+        }
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EnforcerError::LsmUnavailable { reason: e.to_string() })?;
+        for (name, hook) in LSM_PROGRAMS {
+            let prog: &mut Lsm = program(&mut self.ebpf, name)?;
+            prog.load(hook, &aya_btf).map_err(|e| EnforcerError::LsmUnavailable {
+                reason: format!("the kernel refused to load LSM program {name}: {e}"),
+            })?;
+            prog.attach().map_err(|source| EnforcerError::Program { name, source })?;
+        }
+        self.lsm = true;
+        Ok(())
+    }
+
+    /// Whether the LSM programs are attached.
+    pub fn lsm_enforced(&self) -> bool {
+        self.lsm
+    }
+
+    /// Attaches the network programs to the cgroup at `cgroup_path`.
+    ///
+    /// The attachment is held by the cgroup, not by this process (legacy
+    /// `BPF_PROG_ATTACH`, not a bpf_link): if pep-agent dies, the sandbox
+    /// stays enforced (fail closed) until its cgroup is removed. Multi mode:
+    /// other programs on the same cgroups, and nested sandboxes, all run; the
+    /// connect proceeds only if all allow.
+    pub fn attach_net(&mut self, cgroup_path: &Path) -> Result<(), EnforcerError> {
+        self.net_attach_op(cgroup_path, attach::Op::Attach)
+    }
+
+    /// Detaches what `attach_net` attached to `cgroup_path`.
+    pub fn detach_net(&mut self, cgroup_path: &Path) -> Result<(), EnforcerError> {
+        self.net_attach_op(cgroup_path, attach::Op::Detach)
+    }
+
+    fn net_attach_op(&mut self, cgroup_path: &Path, op: attach::Op) -> Result<(), EnforcerError> {
+        let file = File::open(cgroup_path).map_err(|source| EnforcerError::Cgroup {
+            path: cgroup_path.display().to_string(),
+            source,
+        })?;
+        for (name, attach_type) in NET_PROGRAMS.iter().zip(attach::NET_ATTACH_TYPES) {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let fd = prog.fd().map_err(|source| EnforcerError::Program { name, source })?;
+            attach::cgroup(op, file.as_fd(), fd.as_fd(), attach_type).map_err(|source| EnforcerError::Cgroup {
+                path: format!("{} ({name}, {op:?})", cgroup_path.display()),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The ring buffer of decisions. Can be taken once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, EnforcerError> {
+        let map = self.ebpf.take_map("EVENTS").ok_or(EnforcerError::NoMap("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| EnforcerError::Map { name: "EVENTS", source })
+    }
+
+    /// (decisions, lost) counted by the kernel, summed over CPUs.
+    pub fn counters(&self) -> Result<(u64, u64), EnforcerError> {
+        let map = self.ebpf.map("COUNTERS").ok_or(EnforcerError::NoMap("COUNTERS"))?;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| EnforcerError::Map { name: "COUNTERS", source })?;
+        let sum = |i: u32| -> Result<u64, EnforcerError> {
+            Ok(arr
+                .get(&i, 0)
+                .map_err(|source| EnforcerError::Map { name: "COUNTERS", source })?
+                .iter()
+                .sum())
+        };
+        Ok((sum(COUNTER_DECISIONS)?, sum(COUNTER_LOST)?))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EnforcerError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(EnforcerError::Program {
+        name,
+        source: ProgramError::UnexpectedProgramType,
+    })?;
+    prog.try_into().map_err(|source| EnforcerError::Program { name, source })
+}
+
+/// Loads (without attaching) the LSM programs, to learn whether this kernel
+/// accepts them.
+pub fn probe_lsm() -> Result<(), EnforcerError> {
+    let kbtf = KernelBtf::load()?;
+    let offsets = btf::program_offsets(&kbtf)?;
+    let mut loader = EbpfLoader::new();
+    for (name, value) in &offsets {
+        loader.override_global(name, value, true);
+    }
+    let mut ebpf = loader.load(crate::ebpf::OBJECT)?;
+    let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EnforcerError::LsmUnavailable { reason: e.to_string() })?;
+    for (name, hook) in LSM_PROGRAMS {
+        let prog: &mut Lsm = program(&mut ebpf, name)?;
+        prog.load(hook, &aya_btf).map_err(|e| EnforcerError::LsmUnavailable {
+            reason: format!("the kernel refused to load LSM program {name}: {e}"),
+        })?;
+    }
+    Ok(())
+}

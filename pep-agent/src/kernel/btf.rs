@@ -1,0 +1,126 @@
+//! Struct field offsets from the running kernel's BTF.
+//!
+//! The eBPF programs read a few kernel struct fields (`task_struct.real_parent`,
+//! `file.f_path`, ...). Their offsets move between kernels (`file.f_path` is 16
+//! on 6.1 and 64 on 6.18), so they are resolved here at load time and handed to
+//! the programs as read-only globals.
+
+use std::path::Path;
+
+use btf_rs::{Btf, Type};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("cannot read kernel BTF at {path}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF=y)")]
+    Read { path: String, source: btf_rs::Error },
+    #[error("kernel BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("kernel BTF: struct {strukt} has no field {field}")]
+    NoField { strukt: String, field: String },
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] btf_rs::Error),
+}
+
+/// The running kernel's BTF.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+/// Where the running kernel publishes its BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+impl KernelBtf {
+    /// Reads `/sys/kernel/btf/vmlinux`.
+    pub fn load() -> Result<Self, BtfError> {
+        Self::from_file(Path::new(VMLINUX_BTF))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        let btf = Btf::from_file(path).map_err(|source| BtfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self { btf })
+    }
+
+    /// Byte offset of `field` in `struct strukt`, looking through anonymous
+    /// struct and union members.
+    pub fn offset_of(&self, strukt: &str, field: &str) -> Result<u64, BtfError> {
+        let types = self.btf.resolve_types_by_name(strukt)?;
+        let s = types
+            .iter()
+            .find_map(|t| match t {
+                Type::Struct(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| BtfError::NoStruct(strukt.to_string()))?;
+        self.find_in(s, field, 0)?.ok_or_else(|| BtfError::NoField {
+            strukt: strukt.to_string(),
+            field: field.to_string(),
+        })
+    }
+
+    fn find_in(&self, s: &btf_rs::Struct, field: &str, base_bits: u64) -> Result<Option<u64>, BtfError> {
+        for m in &s.members {
+            let bits = base_bits + u64::from(m.bit_offset());
+            let name = self.btf.resolve_name(m).unwrap_or_default();
+            if name == field {
+                return Ok(Some(bits / 8));
+            }
+            if name.is_empty() {
+                // Anonymous struct or union: its fields belong to the parent.
+                let mut t = self.btf.resolve_chained_type(m)?;
+                // Bounded: typedef/const chains are short.
+                for _ in 0..8 {
+                    match t {
+                        Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) => {
+                            t = self.btf.resolve_chained_type(t.as_btf_type().ok_or_else(|| {
+                                btf_rs::Error::OpNotSupp("untyped chain".into())
+                            })?)?;
+                        }
+                        _ => break,
+                    }
+                }
+                if let Type::Struct(inner) | Type::Union(inner) = &t
+                    && let Some(off) = self.find_in(inner, field, bits)?
+                {
+                    return Ok(Some(off));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The offsets the programs need, by the name of their global.
+pub fn program_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u64)>, BtfError> {
+    Ok(vec![
+        ("TASK_REAL_PARENT", btf.offset_of("task_struct", "real_parent")?),
+        ("TASK_TGID", btf.offset_of("task_struct", "tgid")?),
+        ("FILE_F_PATH", btf.offset_of("file", "f_path")?),
+        ("FILE_F_MODE", btf.offset_of("file", "f_mode")?),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_offsets_on_this_kernel() {
+        let btf = KernelBtf::load().expect("kernel BTF");
+        let offs = program_offsets(&btf).expect("offsets");
+        let tgid = offs.iter().find(|(n, _)| *n == "TASK_TGID").map(|(_, o)| *o);
+        let parent = offs.iter().find(|(n, _)| *n == "TASK_REAL_PARENT").map(|(_, o)| *o);
+        // task_struct is thousands of bytes; real_parent follows tgid.
+        assert!(tgid.is_some_and(|o| o > 0 && o < 8192), "tgid offset {tgid:?}");
+        assert!(parent > tgid, "real_parent {parent:?} should follow tgid {tgid:?}");
+    }
+
+    #[test]
+    fn unknown_field_is_an_error() {
+        let btf = KernelBtf::load().expect("kernel BTF");
+        let err = btf.offset_of("file", "no_such_field").unwrap_err();
+        assert!(err.to_string().contains("no field no_such_field"), "{err}");
+    }
+}

@@ -1,0 +1,341 @@
+//! `pep-agent run`: standalone, as root. Creates the sandbox cgroup, loads and
+//! attaches the programs, installs the compiled policy, starts the command
+//! inside the cgroup, streams the audit records, and tears everything down
+//! whatever way the command or pep-agent ends.
+
+use std::{
+    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use pep_common::sandbox::SandboxConfig;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+
+use super::child::ChildSetup;
+use crate::{
+    audit::{
+        decode::Decision,
+        record::{Chain, SandboxContext},
+        sink::Sink,
+    },
+    compiler,
+    enforcer::{Enforcer, EnforcerError, LoadOptions, SandboxSpec},
+    kernel::{cgroup, features::ENABLE_BPF_LSM},
+    policy::{self, Policy},
+};
+
+/// The sandbox id of a standalone run: it is alone in its maps.
+const STANDALONE_SANDBOX_ID: u32 = 1;
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub policy: PathBuf,
+    pub name: Option<String>,
+    pub mode: Option<policy::Mode>,
+    pub audit: Option<String>,
+    pub user: Option<String>,
+    pub allow_degraded: bool,
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Exit 1: bad input.
+    #[error("{0}")]
+    BadInput(String),
+    /// Exit 2: the kernel or the host lacks what is needed.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Exit 127: the command was not found.
+    #[error("{0}: command not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::BadInput(_) | RunError::Other(_) => 1,
+            RunError::Unsupported(_) => 2,
+            RunError::NotFound(_) => 127,
+        }
+    }
+}
+
+/// Runs the command; returns its exit status as a shell reports it.
+pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
+    let user = match &opts.user {
+        Some(name) => Some(
+            nix::unistd::User::from_name(name)
+                .map_err(|e| RunError::BadInput(format!("--user {name}: {e}")))?
+                .ok_or_else(|| RunError::BadInput(format!("--user {name}: no such user")))?,
+        ),
+        None => None,
+    };
+    let home = match &user {
+        Some(u) => u.dir.clone(),
+        None => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into()),
+    };
+    let ctx = policy::LoadContext::new(home);
+    let policy = policy::load_file(&opts.policy, &ctx).map_err(|e| RunError::BadInput(e.to_string()))?;
+    let mode = opts.mode.unwrap_or(policy.mode);
+    let name = opts.name.clone().or_else(|| policy.name.clone()).unwrap_or_else(|| "sandbox".into());
+    let net = compiler::net::compile_network(&policy.network, STANDALONE_SANDBOX_ID)
+        .map_err(|e| RunError::BadInput(format!("{}: {e}", opts.policy.display())))?;
+
+    if !nix::unistd::geteuid().is_root() {
+        return Err(RunError::Unsupported(
+            "pep-agent run needs root to load eBPF programs (run it with sudo, or start `pep-agent daemon` and run through it)"
+                .into(),
+        ));
+    }
+    let cg_root = cgroup::cgroup2_root().map_err(|e| RunError::Unsupported(e.to_string()))?;
+    let cmd0 = opts.cmd.first().ok_or_else(|| RunError::BadInput("no command given after --".into()))?;
+    let program = resolve_program(cmd0).ok_or_else(|| RunError::NotFound(cmd0.clone()))?;
+
+    let needs_lsm = needs_lsm(&policy);
+    let mut degraded = None;
+    let mut enforcer = match Enforcer::load(LoadOptions { lsm: needs_lsm }) {
+        Ok(e) => e,
+        Err(EnforcerError::LsmUnavailable { reason }) if opts.allow_degraded => {
+            let msg = format!("files and exec rules are NOT enforced: {reason}");
+            tracing::warn!("--allow-degraded: {msg}");
+            eprintln!("pep-agent: WARNING: {msg}");
+            degraded = Some(msg);
+            Enforcer::load(LoadOptions { lsm: false }).map_err(|e| RunError::Unsupported(e.to_string()))?
+        }
+        Err(EnforcerError::LsmUnavailable { reason }) => {
+            return Err(RunError::Unsupported(format!(
+                "the policy has files/exec rules, which need BPF LSM: {reason}. To enable it: {ENABLE_BPF_LSM}; or pass --allow-degraded to enforce the network part only"
+            )));
+        }
+        Err(e) => return Err(RunError::Unsupported(format!("cannot load the eBPF programs: {e}"))),
+    };
+
+    sweep_stale(&cg_root);
+    let rel = Path::new(CGROUP_PARENT).join(format!("{name}.{}", std::process::id()));
+    let mut cg = cgroup::Cgroup::create(&cg_root, &rel).map_err(|e| RunError::Unsupported(e.to_string()))?;
+    let files = compiler::files::compile_files(&policy.files, STANDALONE_SANDBOX_ID);
+    let spec = SandboxSpec {
+        cgroup_id: cg.id(),
+        cgroup_level: cg.level(),
+        config: SandboxConfig {
+            sandbox_id: STANDALONE_SANDBOX_ID,
+            mode: mode.to_kernel(),
+            net_default: net.default_verdict,
+            file_default: policy.files.default.to_kernel(),
+            exec_default: policy.exec.default.to_kernel(),
+            flags: 0,
+        },
+    };
+    enforcer.install_sandbox(&spec, &net, &files).map_err(|e| RunError::Other(e.into()))?;
+    enforcer.attach_net(cg.path()).map_err(|e| RunError::Other(e.into()))?;
+
+    let sink = match &opts.audit {
+        Some(t) => Sink::open(t).map_err(|e| RunError::BadInput(format!("--audit {t}: {e}")))?,
+        None => Sink::null(),
+    };
+    let sctx = SandboxContext { name: name.clone(), policy_revision: policy.revision().to_string(), degraded };
+    let events = enforcer.take_events().map_err(|e| RunError::Other(e.into()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let pump = tokio::spawn(pump_events(events, sink, sctx, stop.clone()));
+
+    let setup = ChildSetup::new(cg.path(), user.as_ref()).map_err(|e| RunError::Other(e.into()))?;
+    let mut command = std::process::Command::new(&program);
+    command.arg0(cmd0).args(&opts.cmd[1..]);
+    if let Some(u) = &user {
+        command.env("HOME", &u.dir).env("USER", &u.name).env("LOGNAME", &u.name);
+    }
+    // SAFETY: `apply` makes only async-signal-safe system calls.
+    unsafe { command.pre_exec(move || setup.apply()) };
+    let mut child = tokio::process::Command::from(command);
+    let status = match child.spawn() {
+        Ok(mut child) => wait_or_signal(&mut child, &cg).await,
+        Err(e) => {
+            teardown(&mut enforcer, &mut cg, &stop, pump).await;
+            return Err(if e.kind() == std::io::ErrorKind::NotFound {
+                RunError::NotFound(cmd0.clone())
+            } else {
+                RunError::Other(anyhow::anyhow!("{cmd0}: {e}"))
+            });
+        }
+    };
+    teardown(&mut enforcer, &mut cg, &stop, pump).await;
+    Ok(status)
+}
+
+/// Parent of every standalone sandbox cgroup, under the cgroup2 root.
+pub const CGROUP_PARENT: &str = "pep-agent";
+
+fn needs_lsm(p: &Policy) -> bool {
+    !p.files.rules.is_empty()
+        || !p.exec.rules.is_empty()
+        || p.files.default == policy::Verdict::Deny
+        || p.exec.default == policy::Verdict::Deny
+}
+
+fn resolve_program(cmd: &str) -> Option<PathBuf> {
+    if cmd.contains('/') {
+        let p = PathBuf::from(cmd);
+        return p.is_file().then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path).map(|d| d.join(cmd)).find(|p| p.is_file())
+}
+
+/// Waits for the child; on SIGINT or SIGTERM to pep-agent, kills the whole
+/// sandbox. Returns the shell-style status (128+N for a signal).
+async fn wait_or_signal(child: &mut tokio::process::Child, cg: &cgroup::Cgroup) -> i32 {
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).ok();
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).ok();
+    let mut hup = tokio::signal::unix::signal(SignalKind::hangup()).ok();
+    let got = tokio::select! {
+        st = child.wait() => return status_code(st.ok()),
+        _ = recv(&mut int) => libc::SIGINT,
+        _ = recv(&mut term) => libc::SIGTERM,
+        _ = recv(&mut hup) => libc::SIGHUP,
+    };
+    tracing::info!("signal {got}: stopping the sandbox");
+    kill_cgroup(cg.path());
+    let _ = child.wait().await;
+    128 + got
+}
+
+async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+fn status_code(st: Option<std::process::ExitStatus>) -> i32 {
+    match st {
+        Some(s) => s.code().or_else(|| s.signal().map(|n| 128 + n)).unwrap_or(1),
+        None => 1,
+    }
+}
+
+fn kill_cgroup(path: &Path) {
+    let _ = std::fs::write(path.join("cgroup.kill"), "1");
+}
+
+/// Stops the rest of the sandbox, drains the audit stream, detaches and
+/// removes everything.
+async fn teardown(
+    enforcer: &mut Enforcer,
+    cg: &mut cgroup::Cgroup,
+    stop: &AtomicBool,
+    pump: tokio::task::JoinHandle<anyhow::Result<PumpState>>,
+) {
+    // Descendants that outlived the command are part of the sandbox's run.
+    kill_cgroup(cg.path());
+    stop.store(true, Ordering::SeqCst);
+    match pump.await {
+        Ok(Ok(state)) => {
+            let (_, lost) = enforcer.counters().unwrap_or((0, 0));
+            state.finish(lost);
+        }
+        Ok(Err(e)) => eprintln!("pep-agent: audit stream: {e:#}"),
+        Err(e) => eprintln!("pep-agent: audit task: {e}"),
+    }
+    if let Err(e) = enforcer.detach_net(cg.path()) {
+        tracing::debug!("detach: {e}");
+    }
+    if let Err(e) = cg.destroy() {
+        eprintln!("pep-agent: cleanup: {e}");
+    }
+}
+
+/// The audit side of a run, handed back when the pump stops.
+struct PumpState {
+    sink: Sink,
+    chain: Chain,
+    sctx: SandboxContext,
+    lost_reported: u64,
+}
+
+impl PumpState {
+    fn finish(mut self, lost_now: u64) {
+        if lost_now > self.lost_reported {
+            let (_, line) = self.chain.lost(lost_now - self.lost_reported, &self.sctx);
+            let _ = self.sink.write_line(&line);
+        }
+        let _ = self.sink.flush();
+    }
+}
+
+/// Reads the ring buffer until told to stop, then drains what is left.
+async fn pump_events(
+    events: RingBuf<MapData>,
+    sink: Sink,
+    sctx: SandboxContext,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<PumpState> {
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds
+    // it, and it is never swapped for another resource (`get_mut` is used
+    // only to read from it).
+    let mut fd = unsafe { AsyncFd::register(events) }?;
+    let mut state = PumpState { sink, chain: Chain::default(), sctx, lost_reported: 0 };
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        // Wake at least every 50 ms to notice `stop`.
+        if let Ok(guard) = tokio::time::timeout(Duration::from_millis(50), fd.readable_mut()).await {
+            let mut guard = guard?;
+            drain(guard.get_inner_mut(), &mut state)?;
+            guard.clear_ready();
+        }
+        if stopping {
+            drain(fd.get_mut(), &mut state)?;
+            return Ok(state);
+        }
+    }
+}
+
+fn drain(rb: &mut RingBuf<MapData>, state: &mut PumpState) -> anyhow::Result<()> {
+    let mut n = 0usize;
+    while let Some(item) = rb.next() {
+        match Decision::try_from(&*item) {
+            Ok(d) => {
+                let (_, line) = state.chain.record(&d, &state.sctx);
+                state.sink.write_line(&line)?;
+            }
+            Err(e) => {
+                // A malformed kernel event is reported, never silently dropped.
+                let (_, line) = state.chain.lost(1, &state.sctx);
+                state.sink.write_line(&line)?;
+                tracing::error!("undecodable kernel event: {e}");
+            }
+        }
+        n += 1;
+    }
+    if n > 0 {
+        state.sink.flush()?;
+    }
+    Ok(())
+}
+
+/// Removes sandbox cgroups left by standalone runs whose pep-agent died
+/// (their name ends in the dead process's pid).
+fn sweep_stale(root: &Path) {
+    let Ok(rd) = std::fs::read_dir(root.join(CGROUP_PARENT)) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.rsplit('.').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(mut cg) = cgroup::Cgroup::open(root, &e.path()) {
+            tracing::info!("removing stale sandbox cgroup {}", e.path().display());
+            let _ = cg.destroy();
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! Compiled file rules: hash-map keys and values.
+//!
+//! The kernel resolves a path, then walks it once, hashing it byte by byte; at
+//! every `/` boundary it looks up the prefix seen so far as a `KIND_PREFIX` key,
+//! and at the end the whole path as `KIND_EXACT`. The last (longest) match
+//! decides. Hashes are FNV-1a 64 (`fnv1a`), the same on both sides.
+
+pub const KIND_PREFIX: u32 = 1;
+pub const KIND_EXACT: u32 = 2;
+pub const KIND_NAME: u32 = 3;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FileRuleKey {
+    pub sandbox_id: u32,
+    pub kind: u32,
+    pub hash: u64,
+}
+
+/// Verdicts per access at one key; 0 means "no rule here for that access".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileRuleValue {
+    pub read_verdict: u32,
+    pub write_verdict: u32,
+    pub read_rule: u32,
+    pub write_rule: u32,
+}
+
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+pub const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a 64 of `bytes`.
+pub const fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = FNV_OFFSET;
+    let mut i = 0;
+    while i < bytes.len() {
+        h ^= bytes[i] as u64;
+        h = h.wrapping_mul(FNV_PRIME);
+        i += 1;
+    }
+    h
+}

@@ -1,0 +1,72 @@
+//! The decision stream: every decision becomes one ring-buffer event, and the
+//! per-CPU counters account for each one, including those the ring buffer had
+//! no room for, so userspace can report losses in-band.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, generated::bpf_ktime_get_boot_ns,
+    },
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use pep_common::event::{COUNTER_DECISIONS, COUNTER_LOST, COUNTER_MAX, EventHeader};
+
+use crate::{kernel, sandbox::Sandbox};
+
+/// 8 MiB: about 100,000 network events between two userspace drains.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_MAX, 0);
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the
+        // program runs (programs are not preempted by themselves on one CPU).
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Fills the common header of an event.
+#[inline(always)]
+pub fn fill_header(h: &mut EventHeader, kind: u32, sandbox: &Sandbox, verdict: u32, source: u32, rule_idx: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    h.kind = kind;
+    h.verdict = verdict;
+    h.mode = sandbox.config.mode;
+    h.source = source;
+    h.rule_idx = rule_idx;
+    h.sandbox_id = sandbox.config.sandbox_id;
+    // SAFETY: plain helper call.
+    h.ts_boot_ns = unsafe { bpf_ktime_get_boot_ns() };
+    // SAFETY: plain helper call.
+    h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    h.pid = (pid_tgid >> 32) as u32;
+    h.tid = pid_tgid as u32;
+    h.ppid = kernel::current_ppid();
+    h.uid = uid_gid as u32;
+    h.gid = (uid_gid >> 32) as u32;
+    h._pad = 0;
+    h.comm = bpf_get_current_comm().unwrap_or_default();
+}
+
+/// Reserves room for one event of type `T`, counting the decision and, when
+/// the ring buffer is full, the loss. `fill` writes the whole event.
+#[inline(always)]
+pub fn emit<T: 'static>(fill: impl FnOnce(&mut T)) {
+    bump(COUNTER_DECISIONS);
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            // SAFETY: `fill` writes every field of `T` (all plain integers),
+            // so the reserved memory is fully initialised before submit.
+            let ev = unsafe { &mut *entry.as_mut_ptr() };
+            fill(ev);
+            entry.submit(0);
+        }
+        None => bump(COUNTER_LOST),
+    }
+}
