@@ -145,3 +145,19 @@ pub fn leftover_cgroups(pid: u32) -> Vec<PathBuf> {
         })
         .unwrap_or_default()
 }
+
+/// The file probe script.
+pub fn file_probe() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/file_probe.py")
+}
+
+/// Runs the file probe under `policy`; returns one RESULT per probe.
+pub fn file_probes(policy: &Path, extra: &[&str], probes: &[(&str, &Path)]) -> (Vec<String>, Output) {
+    let mut cmd: Vec<String> = vec!["python3".into(), file_probe().display().to_string()];
+    for (op, p) in probes {
+        cmd.extend([op.to_string(), p.display().to_string()]);
+    }
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let out = pep_run(policy, extra, &cmd);
+    (probe_results(&out), out)
+}

@@ -34,17 +34,22 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
 
 /// Starts `run` with a command that sleeps, waits until the sandbox exists,
 /// lets `end` end it, then checks that everything is gone.
-fn check_cleanup(end: impl FnOnce(u32, &std::path::Path), expect_code: Option<i32>) {
+fn check_cleanup(end: impl FnOnce(u32, &std::path::Path, &std::path::Path), expect_code: Option<i32>) {
     let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let s = Scratch::new("cleanup");
     let p = s.write("p.yaml", "apiVersion: pep/v1\nnetwork:\n  default: deny\n");
     let before = our_programs();
     let marker = s.dir.join("started");
+    let stop = s.dir.join("stop");
     let child = Command::new(pep_agent_bin())
         .args(["run", "--policy"])
         .arg(&p)
         .args(["--", "sh", "-c"])
-        .arg(format!("touch {}; sleep 30 & sleep 30", marker.display()))
+        .arg(format!(
+            "touch {}; sleep 30 & while [ ! -e {} ]; do sleep 0.02; done; exit 0",
+            marker.display(),
+            stop.display()
+        ))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -54,7 +59,7 @@ fn check_cleanup(end: impl FnOnce(u32, &std::path::Path), expect_code: Option<i3
     let cgs = leftover_cgroups(pid);
     assert_eq!(cgs.len(), 1, "one sandbox cgroup while running: {cgs:?}");
     assert_eq!(our_programs(), before + 4, "four network programs while running");
-    end(pid, &cgs[0]);
+    end(pid, &cgs[0], &stop);
     let out = child.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), expect_code, "{}", describe(&out));
     assert!(leftover_cgroups(pid).is_empty(), "cgroup left: {:?}", leftover_cgroups(pid));
@@ -64,24 +69,20 @@ fn check_cleanup(end: impl FnOnce(u32, &std::path::Path), expect_code: Option<i3
 
 #[test]
 fn after_normal_exit() {
-    // The command ends by itself: kill its sleeps from outside the sandbox.
+    // The command exits 0 by itself, leaving a background child behind in
+    // the sandbox: that child is killed too.
     check_cleanup(
-        |_, cg| {
-            let procs = std::fs::read_to_string(cg.join("cgroup.procs")).expect("procs");
-            // The shell's own pid is the first; kill its children so it exits 0.
-            for pid in procs.lines().skip(1) {
-                let _ = Command::new("kill").arg(pid).status();
-            }
-            let _ = Command::new("kill").arg(procs.lines().next().expect("a pid")).status();
+        |_, _, stop| {
+            std::fs::write(stop, "").expect("stop file");
         },
-        Some(143),
+        Some(0),
     );
 }
 
 #[test]
 fn after_sigkill_of_cmd() {
     check_cleanup(
-        |_, cg| {
+        |_, cg, _| {
             let procs = std::fs::read_to_string(cg.join("cgroup.procs")).expect("procs");
             let first = procs.lines().next().expect("a pid");
             let _ = Command::new("kill").args(["-KILL", first]).status();
@@ -93,7 +94,7 @@ fn after_sigkill_of_cmd() {
 #[test]
 fn after_sigterm_of_pep_agent() {
     check_cleanup(
-        |pid, _| {
+        |pid, _, _| {
             let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
         },
         Some(143),
@@ -103,7 +104,7 @@ fn after_sigterm_of_pep_agent() {
 #[test]
 fn after_sigint_of_pep_agent() {
     check_cleanup(
-        |pid, _| {
+        |pid, _, _| {
             let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
         },
         Some(130),

@@ -1,9 +1,9 @@
 //! `cargo xtask test`: every test, in phases, with one closing line.
 //!
 //! 0. lint: rustfmt, clippy (userspace and eBPF);
-//! a. unit: every library/binary unit test, run as an unprivileged user;
-//! b. host: `pep-tests` binaries named `host_*`, as root on the host kernel;
-//! c. vm: the harness self-test, then `pep-tests` binaries named `vm_*`, as
+//! 1. unit: every library/binary unit test, run as an unprivileged user;
+//! 2. host: `pep-tests` binaries named `host_*`, as root on the host kernel;
+//! 3. vm: the harness self-test, then `pep-tests` binaries named `vm_*`, as
 //!    root inside the Debian kernel in QEMU, where BPF LSM works.
 
 use std::{
