@@ -13,7 +13,11 @@ use pep_agent::{
 };
 
 #[derive(Parser)]
-#[command(name = "pep-agent", version, about = "Policy Enforcement Point for AI agents: eBPF-enforced sandboxes")]
+#[command(
+    name = "pep-agent",
+    version,
+    about = "Policy Enforcement Point for AI agents: eBPF-enforced sandboxes"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -96,7 +100,15 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Run { policy, name, mode, audit, user, allow_degraded, cmd } => {
+        Cmd::Run {
+            policy,
+            name,
+            mode,
+            audit,
+            user,
+            allow_degraded,
+            cmd,
+        } => {
             let opts = RunOptions {
                 policy,
                 name,
@@ -124,9 +136,25 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Policy { cmd: PolicyCmd::Check { file } } => policy_check(&file),
-        Cmd::Events { cmd: EventsCmd::Tail { follow, output, sandbox, verdict, action, file } } => {
-            let filter = Filter { sandbox, verdict, action };
+        Cmd::Policy {
+            cmd: PolicyCmd::Check { file },
+        } => policy_check(&file),
+        Cmd::Events {
+            cmd:
+                EventsCmd::Tail {
+                    follow,
+                    output,
+                    sandbox,
+                    verdict,
+                    action,
+                    file,
+                },
+        } => {
+            let filter = Filter {
+                sandbox,
+                verdict,
+                action,
+            };
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             match tail::tail(&file, &filter, output, follow, &mut out, &|| false) {
@@ -143,7 +171,9 @@ fn main() -> ExitCode {
 }
 
 fn policy_check(file: &std::path::Path) -> i32 {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
     match policy::load_file(file, &policy::LoadContext::new(home)) {
         Ok(p) => match pep_agent::compiler::net::compile_network(&p.network, 1) {
             Ok(_) => {
@@ -172,9 +202,17 @@ fn doctor() -> i32 {
         f.cgroup2.as_deref().unwrap_or("NO")
     );
     println!("ring buffer:    {}  (audit stream)", yes(f.ring_buffer));
-    println!("BPF LSM:        {}  (files and exec rules; LSM list: {})", yes(f.bpf_lsm), f.lsm_list);
+    println!(
+        "BPF LSM:        {}  (files and exec rules; LSM list: {})",
+        yes(f.bpf_lsm),
+        f.lsm_list
+    );
     if !f.bpf_lsm {
         println!("  to enable: {}", pep_agent::kernel::features::ENABLE_BPF_LSM);
     }
-    if f.btf && f.cgroup2.is_some() && f.ring_buffer { 0 } else { 2 }
+    if f.btf && f.cgroup2.is_some() && f.ring_buffer {
+        0
+    } else {
+        2
+    }
 }

@@ -4,8 +4,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, generated::bpf_ktime_get_boot_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::bpf_ktime_get_boot_ns,
     },
     macros::map,
     maps::{PerCpuArray, RingBuf},
@@ -32,7 +32,14 @@ fn bump(index: u32) {
 
 /// Fills the common header of an event.
 #[inline(always)]
-pub fn fill_header(h: &mut EventHeader, kind: u32, sandbox: &Sandbox, verdict: u32, source: u32, rule_idx: u32) {
+pub fn fill_header(
+    h: &mut EventHeader,
+    kind: u32,
+    sandbox: &Sandbox,
+    verdict: u32,
+    source: u32,
+    rule_idx: u32,
+) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     h.kind = kind;

@@ -57,7 +57,8 @@ fn try_file_open(ctx: &LsmContext) -> i32 {
     };
     let file: *const u8 = ctx.arg(0);
     // SAFETY: `file` is the hook's trusted argument; the offset comes from BTF.
-    let f_mode: u32 = unsafe { bpf_probe_read_kernel(file.add(kernel::file_f_mode() as usize) as *const u32) }.unwrap_or(0);
+    let f_mode: u32 =
+        unsafe { bpf_probe_read_kernel(file.add(kernel::file_f_mode() as usize) as *const u32) }.unwrap_or(0);
     let mut access = 0;
     if f_mode & FMODE_READ != 0 {
         access |= ACCESS_READ;
@@ -94,7 +95,11 @@ fn decide(sb: &sandbox::Sandbox, p: *mut path, access: u32) -> i32 {
         ev.path_len = path_len;
         ev.path = *buf;
     });
-    if verdict == VERDICT_DENY && sb.config.mode != MODE_AUDIT { -EPERM } else { 0 }
+    if verdict == VERDICT_DENY && sb.config.mode != MODE_AUDIT {
+        -EPERM
+    } else {
+        0
+    }
 }
 
 /// Walks the NUL-terminated path in `buf` once and returns (verdict, source,
@@ -116,7 +121,11 @@ fn match_path(sb: &sandbox::Sandbox, buf: &[u8; PATH_MAX_LEN], access: u32) -> (
         if c == b'/' {
             // The prefix before this `/`; at i == 0 it is "", which is how
             // the compiler stores `/**`.
-            best.update(&FileRuleKey { sandbox_id, kind: KIND_PREFIX, hash: h });
+            best.update(&FileRuleKey {
+                sandbox_id,
+                kind: KIND_PREFIX,
+                hash: h,
+            });
             name_h = FNV_OFFSET;
         } else {
             name_h = (name_h ^ u64::from(c)).wrapping_mul(FNV_PRIME);
@@ -126,11 +135,25 @@ fn match_path(sb: &sandbox::Sandbox, buf: &[u8; PATH_MAX_LEN], access: u32) -> (
     }
     // The whole path: a `dir/**` rule covers `dir` itself; an exact rule is
     // more specific still, so it is looked up last.
-    best.update(&FileRuleKey { sandbox_id, kind: KIND_PREFIX, hash: h });
-    best.update(&FileRuleKey { sandbox_id, kind: KIND_EXACT, hash: h });
+    best.update(&FileRuleKey {
+        sandbox_id,
+        kind: KIND_PREFIX,
+        hash: h,
+    });
+    best.update(&FileRuleKey {
+        sandbox_id,
+        kind: KIND_EXACT,
+        hash: h,
+    });
     // A `name` deny beats every allow.
     // SAFETY: plain data written whole by userspace.
-    if let Some(v) = unsafe { FILE_RULES.get(&FileRuleKey { sandbox_id, kind: KIND_NAME, hash: name_h }) } {
+    if let Some(v) = unsafe {
+        FILE_RULES.get(FileRuleKey {
+            sandbox_id,
+            kind: KIND_NAME,
+            hash: name_h,
+        })
+    } {
         if access & ACCESS_READ != 0 && v.read_verdict == VERDICT_DENY {
             return (VERDICT_DENY, SOURCE_RULE, v.read_rule);
         }
@@ -139,8 +162,12 @@ fn match_path(sb: &sandbox::Sandbox, buf: &[u8; PATH_MAX_LEN], access: u32) -> (
         }
     }
     let default = sb.config.file_default;
-    let (rv, rr, rs) = best.read.map_or((default, RULE_NONE, SOURCE_DEFAULT), |(v, r)| (v, r, SOURCE_RULE));
-    let (wv, wr, ws) = best.write.map_or((default, RULE_NONE, SOURCE_DEFAULT), |(v, r)| (v, r, SOURCE_RULE));
+    let (rv, rr, rs) = best
+        .read
+        .map_or((default, RULE_NONE, SOURCE_DEFAULT), |(v, r)| (v, r, SOURCE_RULE));
+    let (wv, wr, ws) = best
+        .write
+        .map_or((default, RULE_NONE, SOURCE_DEFAULT), |(v, r)| (v, r, SOURCE_RULE));
     let (want_r, want_w) = (access & ACCESS_READ != 0, access & ACCESS_WRITE != 0);
     if want_w && wv == VERDICT_DENY {
         return (wv, ws, wr);

@@ -39,7 +39,8 @@ pub fn current_ppid() -> u32 {
     // SAFETY: probe reads tolerate any address; a bad one yields an error.
     unsafe {
         let task = bpf_get_current_task() as *const u8;
-        let parent: *const u8 = match bpf_probe_read_kernel(task.add(off_parent as usize) as *const *const u8) {
+        let parent: *const u8 = match bpf_probe_read_kernel(task.add(off_parent as usize) as *const *const u8)
+        {
             Ok(p) => p,
             Err(_) => return 0,
         };

@@ -19,8 +19,8 @@ use aya_ebpf::{
 };
 use pep_common::{
     event::{
-        AF_INET, AF_INET6, KIND_NET, NET_OP_CONNECT, NET_OP_SENDMSG, NetEvent, RULE_NONE,
-        SOURCE_DEFAULT, SOURCE_RULE, VERDICT_ALLOW, VERDICT_DENY,
+        AF_INET, AF_INET6, KIND_NET, NET_OP_CONNECT, NET_OP_SENDMSG, NetEvent, RULE_NONE, SOURCE_DEFAULT,
+        SOURCE_RULE, VERDICT_ALLOW, VERDICT_DENY,
     },
     net::{MAX_RULES_PER_PREFIX, NetKeyV4, NetKeyV6, NetRuleSet, PROTO_ANY, SANDBOX_PREFIX_BITS},
     sandbox::MODE_AUDIT,
@@ -102,8 +102,11 @@ fn decide(family: u32, op: u32, protocol: u32, daddr: [u8; 16], port: u16, dest:
     };
     let sandbox_id = sb.config.sandbox_id.to_be_bytes();
     let rules = match dest {
-        Dest::V4(addr) => NET_V4.get(&Key::new(SANDBOX_PREFIX_BITS + 32, NetKeyV4 { sandbox_id, addr })),
-        Dest::V6(addr) => NET_V6.get(&Key::new(SANDBOX_PREFIX_BITS + 128, NetKeyV6 { sandbox_id, addr })),
+        Dest::V4(addr) => NET_V4.get(Key::new(SANDBOX_PREFIX_BITS + 32, NetKeyV4 { sandbox_id, addr })),
+        Dest::V6(addr) => NET_V6.get(Key::new(
+            SANDBOX_PREFIX_BITS + 128,
+            NetKeyV6 { sandbox_id, addr },
+        )),
     };
     let (verdict, source, rule_idx) = match rules.and_then(|set| first_match(set, port, protocol as u8)) {
         Some((verdict, idx)) => (verdict, SOURCE_RULE, idx),
@@ -136,7 +139,11 @@ fn first_match(set: &NetRuleSet, port: u16, protocol: u8) -> Option<(u32, u32)> 
         }
         let r = &set.rules[i];
         if port >= r.port_lo && port <= r.port_hi && (r.protocol == PROTO_ANY || r.protocol == protocol) {
-            let verdict = if u32::from(r.verdict) == VERDICT_DENY { VERDICT_DENY } else { VERDICT_ALLOW };
+            let verdict = if u32::from(r.verdict) == VERDICT_DENY {
+                VERDICT_DENY
+            } else {
+                VERDICT_ALLOW
+            };
             return Some((verdict, u32::from(r.rule_idx)));
         }
         i += 1;

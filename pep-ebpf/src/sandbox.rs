@@ -41,7 +41,7 @@ pub fn current() -> Option<Sandbox> {
             let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
             if id != 0 {
                 // SAFETY: the value is plain data that userspace writes whole.
-                if let Some(config) = unsafe { SANDBOXES.get(&id) } {
+                if let Some(config) = unsafe { SANDBOXES.get(id) } {
                     return Some(Sandbox { config });
                 }
             }

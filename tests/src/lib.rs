@@ -18,8 +18,16 @@ pub fn pep_agent_bin() -> PathBuf {
     }
     // target/debug/deps/<test> -> target/debug/pep-agent
     let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("pep-agent");
-    assert!(bin.exists(), "{} missing: build pep-agent first (cargo build -p pep-agent)", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("pep-agent");
+    assert!(
+        bin.exists(),
+        "{} missing: build pep-agent first (cargo build -p pep-agent)",
+        bin.display()
+    );
     bin
 }
 

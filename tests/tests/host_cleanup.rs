@@ -13,14 +13,22 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Loaded programs named like our network hooks, from `bpftool prog show`.
 fn our_programs() -> usize {
-    let out = Command::new("bpftool").args(["-j", "prog", "show"]).output().expect("bpftool (cargo xtask setup installs it)");
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool (cargo xtask setup installs it)");
     assert!(out.status.success(), "bpftool: {}", describe(&out));
     let progs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
     progs
         .as_array()
         .expect("array")
         .iter()
-        .filter(|p| matches!(p["name"].as_str(), Some("connect4" | "connect6" | "sendmsg4" | "sendmsg6")))
+        .filter(|p| {
+            matches!(
+                p["name"].as_str(),
+                Some("connect4" | "connect6" | "sendmsg4" | "sendmsg6")
+            )
+        })
         .count()
 }
 
@@ -62,7 +70,11 @@ fn check_cleanup(end: impl FnOnce(u32, &std::path::Path, &std::path::Path), expe
     end(pid, &cgs[0], &stop);
     let out = child.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), expect_code, "{}", describe(&out));
-    assert!(leftover_cgroups(pid).is_empty(), "cgroup left: {:?}", leftover_cgroups(pid));
+    assert!(
+        leftover_cgroups(pid).is_empty(),
+        "cgroup left: {:?}",
+        leftover_cgroups(pid)
+    );
     assert!(!cgs[0].exists());
     wait_until("programs unloaded", || our_programs() == before);
 }

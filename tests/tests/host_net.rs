@@ -6,10 +6,17 @@
 use pep_tests::*;
 
 fn policy(scratch: &Scratch, body: &str) -> std::path::PathBuf {
-    scratch.write("policy.yaml", &format!("apiVersion: pep/v1\nname: nettest\n{body}"))
+    scratch.write(
+        "policy.yaml",
+        &format!("apiVersion: pep/v1\nname: nettest\n{body}"),
+    )
 }
 
-fn probe(policy: &std::path::Path, extra: &[&str], probes: &[(&str, String, u16)]) -> (Vec<String>, std::process::Output) {
+fn probe(
+    policy: &std::path::Path,
+    extra: &[&str],
+    probes: &[(&str, String, u16)],
+) -> (Vec<String>, std::process::Output) {
     let script = net_probe();
     let mut cmd: Vec<String> = vec!["python3".into(), script.display().to_string()];
     for (op, host, port) in probes {
@@ -51,7 +58,12 @@ fn tcp_allowed_and_denied_over_v4_v6_and_mapped() {
             ("tcp", "::ffff:127.0.0.1".into(), denied4.port()),
         ],
     );
-    assert_eq!(res, ["OK", "EPERM", "OK", "EPERM", "OK", "EPERM"], "{}", describe(&out));
+    assert_eq!(
+        res,
+        ["OK", "EPERM", "OK", "EPERM", "OK", "EPERM"],
+        "{}",
+        describe(&out)
+    );
     assert!(out.status.success(), "{}", describe(&out));
 }
 
@@ -84,7 +96,12 @@ fn udp_connect_and_sendto_are_enforced() {
             ("tcp", "127.0.0.1".into(), ok.port()),
         ],
     );
-    assert_eq!(res, ["OK", "OK", "EPERM", "EPERM", "EPERM", "EPERM", "OK", "EPERM"], "{}", describe(&out));
+    assert_eq!(
+        res,
+        ["OK", "OK", "EPERM", "EPERM", "EPERM", "EPERM", "OK", "EPERM"],
+        "{}",
+        describe(&out)
+    );
 }
 
 #[test]
@@ -129,11 +146,35 @@ fn curl_is_denied_and_allowed() {
     let bad = tcp_server("127.0.0.1:0");
     let p = policy(
         &s,
-        &format!("network:\n  default: deny\n  rules:\n    - allow: {{ cidr: 127.0.0.1/32, ports: [{}] }}\n", ok.port()),
+        &format!(
+            "network:\n  default: deny\n  rules:\n    - allow: {{ cidr: 127.0.0.1/32, ports: [{}] }}\n",
+            ok.port()
+        ),
     );
-    let good = pep_run(&p, &[], &["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{ok}/")]);
-    assert_eq!(String::from_utf8_lossy(&good.stdout), "200", "{}", describe(&good));
-    let denied = pep_run(&p, &[], &["curl", "-sS", "-o", "/dev/null", &format!("http://{bad}/")]);
+    let good = pep_run(
+        &p,
+        &[],
+        &[
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{ok}/"),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&good.stdout),
+        "200",
+        "{}",
+        describe(&good)
+    );
+    let denied = pep_run(
+        &p,
+        &[],
+        &["curl", "-sS", "-o", "/dev/null", &format!("http://{bad}/")],
+    );
     // curl exit 7: failed to connect.
     assert_eq!(denied.status.code(), Some(7), "{}", describe(&denied));
     assert!(
@@ -153,9 +194,8 @@ fn descendants_stay_sandboxed_and_outsiders_are_not() {
     let one = format!("python3 {} tcp 127.0.0.1 {}", probe.display(), bad.port());
     // A child, a grandchild through setsid, and a double-forked daemon-like
     // process whose parent exits first.
-    let script = format!(
-        "{one}; sh -c '{one}'; setsid sh -c '{one}'; (sh -c '({one}) &' ; sleep 0.5); sleep 1; wait"
-    );
+    let script =
+        format!("{one}; sh -c '{one}'; setsid sh -c '{one}'; (sh -c '({one}) &' ; sleep 0.5); sleep 1; wait");
     // Meanwhile a process outside the sandbox connects to the same server.
     let outside = std::thread::spawn(move || {
         let mut ok = 0;
@@ -170,7 +210,11 @@ fn descendants_stay_sandboxed_and_outsiders_are_not() {
     let out = pep_run(&p, &[], &["sh", "-c", &script]);
     let res = probe_results(&out);
     assert_eq!(res, ["EPERM", "EPERM", "EPERM", "EPERM"], "{}", describe(&out));
-    assert_eq!(outside.join().expect("outside thread"), 20, "outside connects must all succeed");
+    assert_eq!(
+        outside.join().expect("outside thread"),
+        20,
+        "outside connects must all succeed"
+    );
 }
 
 #[test]
@@ -192,7 +236,10 @@ fn audit_records_one_per_decision_with_fields() {
     let (res, out) = probe(
         &p,
         &["--audit", log.to_str().expect("utf8"), "--name", "agent-1"],
-        &[("tcp", "127.0.0.1".into(), ok.port()), ("tcp", "127.0.0.1".into(), bad.port())],
+        &[
+            ("tcp", "127.0.0.1".into(), ok.port()),
+            ("tcp", "127.0.0.1".into(), bad.port()),
+        ],
     );
     assert_eq!(res, ["OK", "EPERM"], "{}", describe(&out));
     let recs = read_audit(&log);
@@ -215,13 +262,23 @@ fn audit_records_one_per_decision_with_fields() {
     assert_eq!(deny["net"]["daddr"], "127.0.0.1");
     assert_eq!(deny["net"]["dport"], bad.port());
     let proc_ = &deny["process"];
-    assert!(proc_["comm"].as_str().is_some_and(|c| c.starts_with("python")), "{proc_}");
+    assert!(
+        proc_["comm"].as_str().is_some_and(|c| c.starts_with("python")),
+        "{proc_}"
+    );
     assert!(proc_["pid"].as_u64().is_some_and(|p| p > 1), "{proc_}");
     assert_eq!(proc_["pid"], proc_["tid"], "single-threaded probe");
-    assert!(proc_["ppid"].as_u64().is_some_and(|p| p > 0), "ppid from the kernel: {proc_}");
+    assert!(
+        proc_["ppid"].as_u64().is_some_and(|p| p > 0),
+        "ppid from the kernel: {proc_}"
+    );
     assert_eq!(proc_["uid"], 0);
     assert!(proc_["cgroup_id"].as_u64().is_some_and(|c| c > 1), "{proc_}");
-    assert!(deny["policy_revision"].as_str().is_some_and(|r| r.starts_with("sha256:")));
+    assert!(
+        deny["policy_revision"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("sha256:"))
+    );
     assert!(deny["ts"].as_str().is_some_and(|t| t.ends_with('Z')));
     assert_eq!(deny["file"], serde_json::Value::Null);
     // The chain: each prev is the hash of the previous line.
@@ -234,21 +291,53 @@ fn audit_records_one_per_decision_with_fields() {
 
     // events tail: filters and the compact form.
     let tail = std::process::Command::new(pep_agent_bin())
-        .args(["events", "tail", "--file", log.to_str().expect("utf8"), "-o", "compact", "--verdict", "deny"])
+        .args([
+            "events",
+            "tail",
+            "--file",
+            log.to_str().expect("utf8"),
+            "-o",
+            "compact",
+            "--verdict",
+            "deny",
+        ])
         .output()
         .expect("tail");
     let text = String::from_utf8_lossy(&tail.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 1, "{}", describe(&tail));
-    let want = format!("DENY net.connect agent-1 python3({}) -> 127.0.0.1:{}/tcp [network.rules[1]]", proc_["pid"], bad.port());
-    assert!(lines[0].ends_with(&want), "compact line {:?} should end with {want:?}", lines[0]);
-    assert!(lines[0].as_bytes()[2] == b':' && lines[0].as_bytes()[8] == b'.', "HH:MM:SS.mmm prefix: {}", lines[0]);
+    let want = format!(
+        "DENY net.connect agent-1 python3({}) -> 127.0.0.1:{}/tcp [network.rules[1]]",
+        proc_["pid"],
+        bad.port()
+    );
+    assert!(
+        lines[0].ends_with(&want),
+        "compact line {:?} should end with {want:?}",
+        lines[0]
+    );
+    assert!(
+        lines[0].as_bytes()[2] == b':' && lines[0].as_bytes()[8] == b'.',
+        "HH:MM:SS.mmm prefix: {}",
+        lines[0]
+    );
     let json = std::process::Command::new(pep_agent_bin())
-        .args(["events", "tail", "--file", log.to_str().expect("utf8"), "--action", "net.connect", "--verdict", "allow"])
+        .args([
+            "events",
+            "tail",
+            "--file",
+            log.to_str().expect("utf8"),
+            "--action",
+            "net.connect",
+            "--verdict",
+            "allow",
+        ])
         .output()
         .expect("tail");
-    let recs: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&json.stdout).lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    let recs: Vec<serde_json::Value> = String::from_utf8_lossy(&json.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
     assert_eq!(recs.len(), 1, "{}", describe(&json));
     assert_eq!(recs[0]["verdict"], "allow");
 }
@@ -264,9 +353,17 @@ fn audit_mode_allows_and_records_deny() {
         &["--mode", "audit", "--audit", log.to_str().expect("utf8")],
         &[("tcp", "127.0.0.1".into(), bad.port())],
     );
-    assert_eq!(res, ["OK"], "audit mode lets the connect through: {}", describe(&out));
+    assert_eq!(
+        res,
+        ["OK"],
+        "audit mode lets the connect through: {}",
+        describe(&out)
+    );
     let recs = read_audit(&log);
-    let r = recs.iter().find(|r| r["action"] == "net.connect").unwrap_or_else(|| panic!("{recs:#?}"));
+    let r = recs
+        .iter()
+        .find(|r| r["action"] == "net.connect")
+        .unwrap_or_else(|| panic!("{recs:#?}"));
     assert_eq!(r["verdict"], "deny");
     assert_eq!(r["mode"], "audit");
     assert_eq!(r["source"], "default");
@@ -287,6 +384,14 @@ fn drops_to_user() {
     let s = Scratch::new("user");
     let p = policy(&s, "network:\n  default: deny\n");
     let out = pep_run(&p, &["--user", "nobody"], &["id", "-u"]);
-    let nobody = nix::unistd::User::from_name("nobody").expect("lookup").expect("nobody exists").uid;
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), nobody.to_string(), "{}", describe(&out));
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("lookup")
+        .expect("nobody exists")
+        .uid;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        nobody.to_string(),
+        "{}",
+        describe(&out)
+    );
 }

@@ -36,7 +36,10 @@ fn policy(s: &Scratch) -> std::path::PathBuf {
 
 #[test]
 fn reads_and_writes_follow_the_rules() {
-    assert!(pep_agent::kernel::features::lsm_loadable(), "this test runs where BPF LSM loads (the VM)");
+    assert!(
+        pep_agent::kernel::features::lsm_loadable(),
+        "this test runs where BPF LSM loads (the VM)"
+    );
     let s = Scratch::new("files");
     setup_tree(&s);
     let p = policy(&s);
@@ -59,11 +62,17 @@ fn reads_and_writes_follow_the_rules() {
     );
     assert_eq!(
         res,
-        ["OK", "OK", "EPERM", "EPERM", "EPERM", "OK", "EPERM", "EPERM", "EPERM"],
+        [
+            "OK", "OK", "EPERM", "EPERM", "EPERM", "OK", "EPERM", "EPERM", "EPERM"
+        ],
         "{}",
         describe(&out)
     );
-    assert_eq!(std::fs::read_to_string(d.join("readonly.txt")).expect("read"), "r", "truncate must not happen");
+    assert_eq!(
+        std::fs::read_to_string(d.join("readonly.txt")).expect("read"),
+        "r",
+        "truncate must not happen"
+    );
     let recs = read_audit(&log);
     let key = d.join("secret/key").display().to_string();
     let deny = recs
@@ -74,13 +83,26 @@ fn reads_and_writes_follow_the_rules() {
     assert_eq!(deny["verdict"], "deny");
     assert_eq!(deny["rule"], "files.rules[1]");
     assert_eq!(deny["file"]["access"], serde_json::json!(["read"]));
-    assert!(deny["process"]["comm"].as_str().is_some_and(|c| c.starts_with("python")));
+    assert!(
+        deny["process"]["comm"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("python"))
+    );
     let env = d.join("ws/sub/.env").display().to_string();
-    let env_rec = recs.iter().find(|r| r["file"]["path"] == env.as_str()).expect("record for .env");
-    assert_eq!(env_rec["rule"], "files.rules[2]", "the name deny beats the /ws/** allow");
+    let env_rec = recs
+        .iter()
+        .find(|r| r["file"]["path"] == env.as_str())
+        .expect("record for .env");
+    assert_eq!(
+        env_rec["rule"], "files.rules[2]",
+        "the name deny beats the /ws/** allow"
+    );
     let w = recs
         .iter()
-        .find(|r| r["file"]["path"] == d.join("readonly.txt").display().to_string().as_str() && r["action"] == "file.write")
+        .find(|r| {
+            r["file"]["path"] == d.join("readonly.txt").display().to_string().as_str()
+                && r["action"] == "file.write"
+        })
         .expect("write record");
     assert_eq!(w["verdict"], "deny");
 }
@@ -104,7 +126,12 @@ fn resolved_paths_defeat_bypasses() {
             ("opath-reopen", &d.join("ws/notes.txt")),
         ],
     );
-    assert_eq!(res, ["EPERM", "EPERM", "EPERM", "EPERM", "OK"], "{}", describe(&out));
+    assert_eq!(
+        res,
+        ["EPERM", "EPERM", "EPERM", "EPERM", "OK"],
+        "{}",
+        describe(&out)
+    );
 }
 
 #[test]

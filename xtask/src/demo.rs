@@ -33,14 +33,22 @@ fn http_server(ip: &str) -> Result<u16> {
 pub fn run() -> Result<()> {
     setup::setup()?;
     let root = vm::workspace_root();
-    if !Command::new("cargo").args(["build", "--package", "pep-agent"]).current_dir(&root).status()?.success() {
+    if !Command::new("cargo")
+        .args(["build", "--package", "pep-agent"])
+        .current_dir(&root)
+        .status()?
+        .success()
+    {
         bail!("build failed");
     }
     let bin = root.join("target/debug/pep-agent");
     let policy = root.join("examples/demo.yaml");
     let allowed = http_server("127.0.0.1")?;
     let denied = http_server("127.0.0.2")?;
-    println!("== network: policy {} allows TCP to 127.0.0.1 only", policy.display());
+    println!(
+        "== network: policy {} allows TCP to 127.0.0.1 only",
+        policy.display()
+    );
     let script = format!(
         "echo '$ curl http://127.0.0.1:{allowed}/'; curl -sS --max-time 5 http://127.0.0.1:{allowed}/ || true; \
          echo '$ curl http://169.254.169.254/ (cloud metadata)'; curl -sS --max-time 5 http://169.254.169.254/ || true; \
@@ -57,11 +65,16 @@ pub fn run() -> Result<()> {
         .args(["--", "sh", "-c", &script])
         .status()?;
     println!("== exit status {st}; audit records (pep-agent events tail -o compact):");
-    Command::new(&bin).args(["events", "tail", "-o", "compact", "--file"]).arg(&log).status()?;
+    Command::new(&bin)
+        .args(["events", "tail", "-o", "compact", "--file"])
+        .arg(&log)
+        .status()?;
 
     let lsm = Command::new(&bin).arg("doctor").output()?;
     print!("{}", String::from_utf8_lossy(&lsm.stdout));
-    println!("== files: the host kernel refuses BPF LSM programs; running the files demo inside the Debian 6.1 VM");
+    println!(
+        "== files: the host kernel refuses BPF LSM programs; running the files demo inside the Debian 6.1 VM"
+    );
     let files_script = format!(
         "mkdir -p /tmp/ws && echo hello > /tmp/ws/notes.txt && echo SECRET=1 > /tmp/ws/.env && \
          {bin} run --policy {root}/examples/demo-files.yaml --name demo-files --audit /tmp/a.jsonl -- sh -c \
@@ -70,7 +83,10 @@ pub fn run() -> Result<()> {
         bin = bin.display(),
         root = root.display()
     );
-    let results = vm::run_in_vm(&[vm::VmCommand::new("demo-files", ["sh", "-c", &files_script])], Duration::from_secs(300))?;
+    let results = vm::run_in_vm(
+        &[vm::VmCommand::new("demo-files", ["sh", "-c", &files_script])],
+        Duration::from_secs(300),
+    )?;
     for r in results {
         print!("{}", r.output);
         if !r.success() {

@@ -18,7 +18,16 @@ pub fn run() -> Result<(usize, usize)> {
         }),
         ("clippy userspace", {
             let mut c = Command::new("cargo");
-            c.args(["clippy", "--workspace", "--exclude", "pep-ebpf", "--all-targets", "--", "-D", "warnings"]);
+            c.args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "pep-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]);
             c
         }),
         ("clippy eBPF", {

@@ -82,11 +82,7 @@ pub(crate) fn run_bytes(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
             .find(|l| !l.trim().is_empty())
             .unwrap_or("")
             .trim();
-        bail!(
-            "{what}: {:?} failed ({}): {last}",
-            cmd.get_program(),
-            out.status
-        );
+        bail!("{what}: {:?} failed ({}): {last}", cmd.get_program(), out.status);
     }
     Ok(out.stdout)
 }
@@ -139,9 +135,7 @@ fn bpf_linker_ok() -> bool {
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        })
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
 }
 
 /// `llvm-22` from `rustc -vV` output (line `LLVM version: 22.1.4`).
@@ -168,8 +162,8 @@ fn ensure_bpf_linker() -> Result<bool> {
         Command::new("rustc").args(["+nightly", "-vV"]),
         "bpf-linker: nightly rustc",
     )?;
-    let feature = llvm_feature(&vv)
-        .ok_or_else(|| anyhow!("bpf-linker: no `LLVM version:` in `rustc +nightly -vV`"))?;
+    let feature =
+        llvm_feature(&vv).ok_or_else(|| anyhow!("bpf-linker: no `LLVM version:` in `rustc +nightly -vV`"))?;
     let nightly_lib = nightly_sysroot()?.join("lib");
     let so = fs::read_dir(&nightly_lib)
         .with_context(|| format!("bpf-linker: cannot list {}", nightly_lib.display()))?
@@ -179,8 +173,7 @@ fn ensure_bpf_linker() -> Result<bool> {
         .ok_or_else(|| anyhow!("bpf-linker: no libLLVM.so.* in {}", nightly_lib.display()))?;
     let prefix = cache_dir().join("llvm");
     let lib = prefix.join("lib");
-    fs::create_dir_all(&lib)
-        .with_context(|| format!("bpf-linker: cannot create {}", lib.display()))?;
+    fs::create_dir_all(&lib).with_context(|| format!("bpf-linker: cannot create {}", lib.display()))?;
     // libLLVM.so for the build to link against; the soname for the binary's rpath.
     for name in ["libLLVM.so", so.as_str()] {
         let link = lib.join(name);
@@ -204,9 +197,7 @@ fn ensure_bpf_linker() -> Result<bool> {
         .status()
         .context("bpf-linker: cannot run cargo install")?;
     if !status.success() {
-        bail!(
-            "bpf-linker: `cargo install bpf-linker --version {BPF_LINKER_VERSION}` failed ({status})"
-        );
+        bail!("bpf-linker: `cargo install bpf-linker --version {BPF_LINKER_VERSION}` failed ({status})");
     }
     if !bpf_linker_ok() {
         bail!(
@@ -247,8 +238,7 @@ pub(crate) fn apt(args: &[&str], what: &str) -> Result<String> {
         bail!("{what}: needs root (run as root, or install sudo)");
     };
     run(
-        cmd.args(&args[1..])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
+        cmd.args(&args[1..]).env("DEBIAN_FRONTEND", "noninteractive"),
         what,
     )
 }

@@ -57,7 +57,9 @@ fn parse_libtest(output: &str) -> (Counts, Vec<String>, Vec<String>) {
         if let Some(rest) = line.strip_prefix("test result: ") {
             for part in rest.split(';') {
                 let mut it = part.split_whitespace().rev();
-                let (Some(what), Some(n)) = (it.next(), it.next()) else { continue };
+                let (Some(what), Some(n)) = (it.next(), it.next()) else {
+                    continue;
+                };
                 let n: usize = n.parse().unwrap_or(0);
                 match what {
                     "passed" => c.passed += n,
@@ -67,7 +69,11 @@ fn parse_libtest(output: &str) -> (Counts, Vec<String>, Vec<String>) {
                 }
             }
         } else if line.starts_with("test ") && line.ends_with("... FAILED") {
-            failures.push(line.trim_start_matches("test ").trim_end_matches(" ... FAILED").to_string());
+            failures.push(
+                line.trim_start_matches("test ")
+                    .trim_end_matches(" ... FAILED")
+                    .to_string(),
+            );
         } else if line.starts_with("test ") && line.contains("... ignored") {
             ignored.push(line.trim_start_matches("test ").to_string());
         }
@@ -76,12 +82,22 @@ fn parse_libtest(output: &str) -> (Counts, Vec<String>, Vec<String>) {
 }
 
 fn build_tests(root: &Path) -> Result<Vec<TestBin>> {
-    let st = Command::new("cargo").args(["build", "--package", "pep-agent"]).current_dir(root).status()?;
+    let st = Command::new("cargo")
+        .args(["build", "--package", "pep-agent"])
+        .current_dir(root)
+        .status()?;
     if !st.success() {
         bail!("cargo build -p pep-agent failed");
     }
     let out = Command::new("cargo")
-        .args(["test", "--workspace", "--exclude", "pep-ebpf", "--no-run", "--message-format=json-render-diagnostics"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "pep-ebpf",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
         .current_dir(root)
         .stderr(Stdio::inherit())
         .output()
@@ -91,19 +107,18 @@ fn build_tests(root: &Path) -> Result<Vec<TestBin>> {
     }
     let mut bins = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if v["reason"] != "compiler-artifact" || v["profile"]["test"] != true {
             continue;
         }
-        let Some(exe) = v["executable"].as_str() else { continue };
+        let Some(exe) = v["executable"].as_str() else {
+            continue;
+        };
         let manifest = PathBuf::from(v["manifest_path"].as_str().unwrap_or_default());
         bins.push(TestBin {
-            package: v["package_id"]
-                .as_str()
-                .and_then(|p| p.rsplit('/').next())
-                .and_then(|p| p.split(['#', '@']).next())
-                .unwrap_or_default()
-                .to_string(),
+            package: package_name(v["package_id"].as_str().unwrap_or_default()),
             name: v["target"]["name"].as_str().unwrap_or_default().to_string(),
             kind: v["target"]["kind"][0].as_str().unwrap_or_default().to_string(),
             exe: PathBuf::from(exe),
@@ -114,18 +129,40 @@ fn build_tests(root: &Path) -> Result<Vec<TestBin>> {
     Ok(bins)
 }
 
+/// The package name in a cargo package id: `path+file:///w/tests#pep-tests@0.1.0`
+/// names `pep-tests`; `path+file:///w/xtask#0.1.0` names `xtask`.
+fn package_name(id: &str) -> String {
+    let tail = id.rsplit('/').next().unwrap_or_default();
+    match tail.split_once('#') {
+        Some((dir, rest)) => match rest.split_once('@') {
+            Some((name, _)) => name.to_string(),
+            None => dir.to_string(),
+        },
+        None => tail.split('@').next().unwrap_or_default().to_string(),
+    }
+}
+
 /// Runs one test binary on the host, streaming nothing, returning output.
 fn run_bin(bin: &TestBin, unprivileged: bool, pep_agent: &Path) -> Result<(Counts, String)> {
     let mut cmd = if unprivileged {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(&bin.exe);
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&bin.exe);
         c
     } else {
         Command::new(&bin.exe)
     };
-    cmd.current_dir(&bin.manifest_dir).env("PEP_AGENT_BIN", pep_agent).env("RUST_BACKTRACE", "1");
-    let out = cmd.output().with_context(|| format!("running {}", bin.exe.display()))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    cmd.current_dir(&bin.manifest_dir)
+        .env("PEP_AGENT_BIN", pep_agent)
+        .env("RUST_BACKTRACE", "1");
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", bin.exe.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (mut c, _, _) = parse_libtest(&text);
     if !out.status.success() && c.failed == 0 {
         // A crash or a harness failure with no summary is still a failure.
@@ -140,7 +177,11 @@ fn report(phase: &str, label: &str, c: Counts, text: &str, ok: bool) {
         "{phase}: {label}: {} passed, {} failed{}",
         c.passed,
         c.failed,
-        if c.skipped > 0 { format!(", {} skipped", c.skipped) } else { String::new() }
+        if c.skipped > 0 {
+            format!(", {} skipped", c.skipped)
+        } else {
+            String::new()
+        }
     );
     for i in ignored {
         println!("  skipped: {i}");
@@ -158,24 +199,44 @@ pub fn run(opts: Options) -> Result<()> {
     setup::setup()?;
     let root = vm::workspace_root();
     let mut total = Counts::default();
-    let selected = |b: &TestBin| opts.only.as_ref().is_none_or(|o| b.name.contains(o.as_str()) || b.package.contains(o.as_str()));
+    let selected = |b: &TestBin| {
+        opts.only
+            .as_ref()
+            .is_none_or(|o| b.name.contains(o.as_str()) || b.package.contains(o.as_str()))
+    };
 
     // 0. lint
     if opts.only.is_none() {
         let (p, f) = crate::lint::run()?;
         println!("phase lint: {p} passed, {f} failed");
-        total.add(Counts { passed: p, failed: f, skipped: 0 });
+        total.add(Counts {
+            passed: p,
+            failed: f,
+            skipped: 0,
+        });
     }
 
     let bins = build_tests(&root)?;
     let pep_agent = root.join("target/debug/pep-agent");
-    let is_it = |b: &TestBin, prefix: &str| b.package == "pep-tests" && b.kind == "test" && b.name.starts_with(prefix);
+    let is_it = |b: &TestBin, prefix: &str| {
+        b.package == "pep-tests" && b.kind == "test" && b.name.starts_with(prefix)
+    };
 
     // a. unit tests, unprivileged
     let mut phase = Counts::default();
-    for b in bins.iter().filter(|b| !is_it(b, "host_") && !is_it(b, "vm_")).filter(|b| selected(b)) {
+    for b in bins
+        .iter()
+        .filter(|b| !is_it(b, "host_") && !is_it(b, "vm_"))
+        .filter(|b| selected(b))
+    {
         let (c, text) = run_bin(b, true, &pep_agent)?;
-        report("unit", &format!("{}::{}", b.package, b.name), c, &text, c.failed == 0);
+        report(
+            "unit",
+            &format!("{}::{}", b.package, b.name),
+            c,
+            &text,
+            c.failed == 0,
+        );
         phase.add(c);
     }
     println!("phase unit: {} passed, {} failed", phase.passed, phase.failed);
@@ -195,19 +256,28 @@ pub fn run(opts: Options) -> Result<()> {
     if opts.vm {
         let mut phase = Counts::default();
         match vm_selftest::selftest() {
-            Ok((p, f)) => phase.add(Counts { passed: p, failed: f, skipped: 0 }),
+            Ok((p, f)) => phase.add(Counts {
+                passed: p,
+                failed: f,
+                skipped: 0,
+            }),
             Err(e) => {
                 println!("vm: harness self-test could not run: {e:#}");
                 phase.failed += 1;
             }
         }
-        let vm_bins: Vec<&TestBin> = bins.iter().filter(|b| is_it(b, "vm_")).filter(|b| selected(b)).collect();
+        let vm_bins: Vec<&TestBin> = bins
+            .iter()
+            .filter(|b| is_it(b, "vm_"))
+            .filter(|b| selected(b))
+            .collect();
         let cmds: Vec<vm::VmCommand> = vm_bins
             .iter()
             .map(|b| {
                 let mut c = vm::VmCommand::new(b.name.clone(), [b.exe.display().to_string()]);
                 c.cwd = b.manifest_dir.clone();
-                c.env.push(("PEP_AGENT_BIN".into(), pep_agent.display().to_string()));
+                c.env
+                    .push(("PEP_AGENT_BIN".into(), pep_agent.display().to_string()));
                 c.env.push(("RUST_BACKTRACE".into(), "1".into()));
                 c
             })
@@ -239,7 +309,10 @@ pub fn run(opts: Options) -> Result<()> {
 
     println!("took {:.0}s", started.elapsed().as_secs_f64());
     if total.skipped > 0 {
-        println!("{} passed, {} failed, {} skipped", total.passed, total.failed, total.skipped);
+        println!(
+            "{} passed, {} failed, {} skipped",
+            total.passed, total.failed, total.skipped
+        );
     } else {
         println!("{} passed, {} failed", total.passed, total.failed);
     }
@@ -252,6 +325,16 @@ pub fn run(opts: Options) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn package_names_from_ids() {
+        assert_eq!(package_name("path+file:///w/tests#pep-tests@0.1.0"), "pep-tests");
+        assert_eq!(package_name("path+file:///w/xtask#0.1.0"), "xtask");
+        assert_eq!(
+            package_name("registry+https://github.com/rust-lang/crates.io-index#serde@1.0.0"),
+            "serde"
+        );
+    }
 
     #[test]
     fn sums_libtest_summaries() {

@@ -46,10 +46,7 @@ pub struct VmCommand {
 
 impl VmCommand {
     /// A command with no extra environment, run from the workspace root.
-    pub fn new<S: Into<String>>(
-        name: impl Into<String>,
-        argv: impl IntoIterator<Item = S>,
-    ) -> Self {
+    pub fn new<S: Into<String>>(name: impl Into<String>, argv: impl IntoIterator<Item = S>) -> Self {
         VmCommand {
             name: name.into(),
             argv: argv.into_iter().map(Into::into).collect(),
@@ -81,9 +78,7 @@ impl VmResult {
 pub fn vm_available() -> Result<()> {
     let mut missing = Vec::new();
     if setup::find_in_path("qemu-system-x86_64").is_none() {
-        missing.push(
-            "qemu-system-x86_64 is not installed (Debian package qemu-system-x86)".to_owned(),
-        );
+        missing.push("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)".to_owned());
     }
     if let Err(e) = vm_image::guest_kernel() {
         missing.push(format!("{e:#}"));
@@ -219,7 +214,11 @@ fn collect_results(
                     run_dir.display()
                 );
             }
-            VmResult { name: cmd.name.clone(), exit_code, output }
+            VmResult {
+                name: cmd.name.clone(),
+                exit_code,
+                output,
+            }
         })
         .collect()
 }
@@ -248,9 +247,7 @@ fn new_run_dir() -> Result<PathBuf> {
     let root = runs_root();
     fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     prune_runs(&root);
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let base = format!(
         "{}-{:09}-{}",
         stamp.as_secs(),
@@ -285,8 +282,7 @@ fn prune_runs(root: &Path) {
 /// The environment every guest command starts from.
 fn base_env(run_dir: &Path, release: &str) -> Vec<(String, String)> {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".to_owned());
-    let path =
-        format!("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:{home}/.cargo/bin");
+    let path = format!("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:{home}/.cargo/bin");
     [
         ("HOME", home.as_str()),
         ("PATH", path.as_str()),
@@ -327,10 +323,7 @@ fn qemu_args(image: &GuestImage, run_dir: &Path) -> Vec<String> {
     .collect();
     args.extend([
         "-chardev".to_owned(),
-        format!(
-            "file,id=console,path={}",
-            opt_path(&run_dir.join("console.log"))
-        ),
+        format!("file,id=console,path={}", opt_path(&run_dir.join("console.log"))),
         "-serial".to_owned(),
         "chardev:console".to_owned(),
         "-kernel".to_owned(),
@@ -387,10 +380,7 @@ pub(crate) fn run_script(
         let mut env = String::new();
         for (k, v) in base_env.iter().chain(&cmd.env) {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
-                bail!(
-                    "VM command {:?}: bad environment variable name {k:?}",
-                    cmd.name
-                );
+                bail!("VM command {:?}: bad environment variable name {k:?}", cmd.name);
             }
             env.push(' ');
             env.push_str(&sh_quote(&format!("{k}={v}")));
@@ -515,7 +505,8 @@ mod tests {
 
     #[test]
     fn console_tail_drops_escapes() {
-        let log = "\x1bc\x1b[?7l\x1b[2J\x1b[0mSeaBIOS\r\nBooting from ROM..[pep-vm] init\r\n\r\nline2\nline3\n";
+        let log =
+            "\x1bc\x1b[?7l\x1b[2J\x1b[0mSeaBIOS\r\nBooting from ROM..[pep-vm] init\r\n\r\nline2\nline3\n";
         assert_eq!(console_tail(log, 2), "line2\nline3");
         assert_eq!(
             console_tail(log, 10),

@@ -41,9 +41,7 @@ pub(crate) fn kernel_package(apt_cache_depends: &str) -> Option<String> {
         .lines()
         .filter_map(|l| l.trim().trim_start_matches('|').strip_prefix("Depends:"))
         .map(str::trim)
-        .filter(|p| {
-            p.starts_with("linux-image-") && p.ends_with("-amd64") && !p.ends_with("-cloud-amd64")
-        })
+        .filter(|p| p.starts_with("linux-image-") && p.ends_with("-amd64") && !p.ends_with("-cloud-amd64"))
         .filter(|p| kernel_release(&format!("{p}-unsigned")).is_some())
         .max_by_key(|p| abi_number(p))
         .map(|p| format!("{p}-unsigned"))
@@ -51,9 +49,7 @@ pub(crate) fn kernel_package(apt_cache_depends: &str) -> Option<String> {
 
 /// `6.1.0-56-amd64` from `linux-image-6.1.0-56-amd64-unsigned`.
 pub(crate) fn kernel_release(package: &str) -> Option<String> {
-    let rel = package
-        .strip_prefix("linux-image-")?
-        .strip_suffix("-unsigned")?;
+    let rel = package.strip_prefix("linux-image-")?.strip_suffix("-unsigned")?;
     let mut parts = rel.splitn(3, '-');
     let (version, abi, flavour) = (parts.next()?, parts.next()?, parts.next()?);
     let numeric = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
@@ -133,10 +129,7 @@ fn ensure_vmlinux(vmlinuz: &Path) -> Result<(PathBuf, bool)> {
     if vmlinux.is_file() {
         return Ok((vmlinux, false));
     }
-    println!(
-        "setup: kernel: extracting vmlinux from {}",
-        vmlinuz.display()
-    );
+    println!("setup: kernel: extracting vmlinux from {}", vmlinuz.display());
     let image = fs::read(vmlinuz).with_context(|| format!("cannot read {}", vmlinuz.display()))?;
     let start = image
         .windows(XZ_MAGIC.len())
@@ -146,9 +139,7 @@ fn ensure_vmlinux(vmlinuz: &Path) -> Result<(PathBuf, bool)> {
     fs::write(&payload, &image[start..]).context("cannot write the kernel payload")?;
     // --single-stream: the payload is followed by the bzImage's trailer.
     let elf = run_bytes(
-        Command::new("xz")
-            .args(["-dc", "--single-stream"])
-            .arg(&payload),
+        Command::new("xz").args(["-dc", "--single-stream"]).arg(&payload),
         "decompressing the kernel (Debian package xz-utils)",
     );
     let _ = fs::remove_file(&payload);
@@ -193,8 +184,8 @@ pub(crate) fn ensure_kernel() -> Result<(String, bool)> {
         }
         (Err(e), None) => return Err(e),
     };
-    let release = kernel_release(&package)
-        .ok_or_else(|| anyhow!("unexpected kernel package name {package}"))?;
+    let release =
+        kernel_release(&package).ok_or_else(|| anyhow!("unexpected kernel package name {package}"))?;
     if recorded.as_deref() == Some(release.as_str()) {
         return Ok((release, false));
     }
@@ -250,8 +241,7 @@ fn download_kernel(package: &str, release: &str) -> Result<()> {
         let _ = fs::remove_dir_all(&dest);
         fs::rename(&unpacked, &dest)
             .with_context(|| format!("cannot move the kernel to {}", dest.display()))?;
-        fs::write(root.join("current"), format!("{release}\n"))
-            .context("cannot record the kernel version")
+        fs::write(root.join("current"), format!("{release}\n")).context("cannot record the kernel version")
     })();
     let _ = fs::remove_dir_all(&tmp);
     result
@@ -260,10 +250,7 @@ fn download_kernel(package: &str, release: &str) -> Result<()> {
 /// Builds `cache_dir()/initramfs/initrd-<release>.cpio` unless the hash of its inputs is
 /// unchanged. Returns its path and whether it was built now.
 fn ensure_initramfs(release: &str) -> Result<(PathBuf, bool)> {
-    let modules_dir = kernel_root()
-        .join(release)
-        .join("lib/modules")
-        .join(release);
+    let modules_dir = kernel_root().join(release).join("lib/modules").join(release);
     let available = index_modules(&modules_dir.join("kernel"))?;
     let modules: Vec<String> = GUEST_MODULES
         .iter()
@@ -276,8 +263,8 @@ fn ensure_initramfs(release: &str) -> Result<(PathBuf, bool)> {
         bail!("kernel {release} has no 9p filesystem (the -cloud flavour lacks it)");
     }
     let init = init_script(&modules_dir, &modules);
-    let busybox = fs::read(BUSYBOX)
-        .with_context(|| format!("{BUSYBOX} is missing (Debian package busybox-static)"))?;
+    let busybox =
+        fs::read(BUSYBOX).with_context(|| format!("{BUSYBOX} is missing (Debian package busybox-static)"))?;
     if elf_is_dynamic(&busybox) {
         bail!("{BUSYBOX} is dynamically linked: install busybox-static");
     }
@@ -295,11 +282,7 @@ fn ensure_initramfs(release: &str) -> Result<(PathBuf, bool)> {
         hasher.update(m.as_bytes());
         hasher.update([0]);
     }
-    let hash: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
 
     let dir = cache_dir().join("initramfs");
     let initrd = dir.join(format!("initrd-{release}.cpio"));
@@ -310,8 +293,8 @@ fn ensure_initramfs(release: &str) -> Result<(PathBuf, bool)> {
     println!("setup: initramfs: building it for {release}");
     let mut cpio = Cpio::default();
     for d in [
-        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "host",
-        "results", "lib", "modules",
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "host", "results", "lib",
+        "modules",
     ] {
         cpio.dir(d);
     }
@@ -334,8 +317,7 @@ fn ensure_initramfs(release: &str) -> Result<(PathBuf, bool)> {
     }
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let partial = dir.join(format!(".initrd-{}.partial", std::process::id()));
-    fs::write(&partial, cpio.finish())
-        .with_context(|| format!("cannot write {}", partial.display()))?;
+    fs::write(&partial, cpio.finish()).with_context(|| format!("cannot write {}", partial.display()))?;
     fs::rename(&partial, &initrd).with_context(|| format!("cannot write {}", initrd.display()))?;
     fs::write(&stamp, format!("{hash}\n")).context("cannot write the initramfs stamp")?;
     Ok((initrd, true))
@@ -346,16 +328,14 @@ fn index_modules(dir: &Path) -> Result<HashMap<String, PathBuf>> {
     let mut found = HashMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d)
-            .with_context(|| format!("cannot list kernel modules in {}", d.display()))?
+        for entry in
+            fs::read_dir(&d).with_context(|| format!("cannot list kernel modules in {}", d.display()))?
         {
             let path = entry?.path();
             if path.is_dir() {
                 stack.push(path);
             } else if let Some(name) = path.file_name().and_then(|n| n.to_str())
-                && let Some(m) = name
-                    .strip_suffix(".ko")
-                    .or_else(|| name.strip_suffix(".ko.xz"))
+                && let Some(m) = name.strip_suffix(".ko").or_else(|| name.strip_suffix(".ko.xz"))
             {
                 found.insert(m.to_owned(), path.clone());
             }
@@ -383,8 +363,7 @@ pub(crate) fn elf_is_dynamic(elf: &[u8]) -> bool {
     if !elf.starts_with(b"\x7fELF\x02\x01") {
         return false;
     }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
         return false;
     };
     (0..phnum).any(|i| u32_at(phoff as usize + i * phentsize) == Some(PT_INTERP))
@@ -453,10 +432,7 @@ pub(crate) fn init_script(modules_dir: &Path, modules: &[String]) -> String {
     INIT_TEMPLATE
         .replace("@PREFIX@", CONSOLE_PREFIX)
         .replace("@MODULES@", &modules.join(" "))
-        .replace(
-            "@MODDIR@",
-            &sh_quote(&format!("/host{}", modules_dir.display())),
-        )
+        .replace("@MODDIR@", &sh_quote(&format!("/host{}", modules_dir.display())))
         .replace("@MSIZE@", &MSIZE.to_string())
 }
 
@@ -536,10 +512,7 @@ mod tests {
             kernel_package(several).as_deref(),
             Some("linux-image-6.1.0-10-amd64-unsigned")
         );
-        assert_eq!(
-            kernel_package("linux-image-amd64\n  Depends: firmware\n"),
-            None
-        );
+        assert_eq!(kernel_package("linux-image-amd64\n  Depends: firmware\n"), None);
         assert_eq!(kernel_package(""), None);
     }
 
@@ -549,10 +522,7 @@ mod tests {
             kernel_release("linux-image-6.1.0-56-amd64-unsigned").as_deref(),
             Some("6.1.0-56-amd64")
         );
-        assert_eq!(
-            kernel_release("linux-image-6.1.0-56-cloud-amd64-unsigned"),
-            None
-        );
+        assert_eq!(kernel_release("linux-image-6.1.0-56-cloud-amd64-unsigned"), None);
         assert_eq!(kernel_release("linux-image-6.1.0-56-amd64"), None);
         assert_eq!(kernel_release("linux-image-amd64-unsigned"), None);
     }

@@ -24,8 +24,7 @@ pub fn selftest() -> Result<(usize, usize)> {
             MARKER,
         ],
     );
-    echo.env
-        .push(("PEP_SELFTEST_VAR".into(), "it's set".into()));
+    echo.env.push(("PEP_SELFTEST_VAR".into(), "it's set".into()));
     echo.cwd = "/usr/share".into();
     let cmds = vec![
         echo,

@@ -8,23 +8,39 @@ use super::{
 
 pub fn format(r: &Record) -> String {
     // "2026-11-25T16:20:20.123456789Z" -> "16:20:20.123"
-    let time = r.ts.split('T').nth(1).map(|t| t.get(..12).unwrap_or(t).trim_end_matches('Z')).unwrap_or(&r.ts);
+    let time =
+        r.ts.split('T')
+            .nth(1)
+            .map(|t| t.get(..12).unwrap_or(t).trim_end_matches('Z'))
+            .unwrap_or(&r.ts);
     let verdict = match (r.verdict, r.mode) {
         (Some(Verdict::Deny), Some(Mode::Audit)) => "DENY(audit)",
         (Some(Verdict::Deny), _) => "DENY",
         (Some(Verdict::Allow), _) => "ALLOW",
         (None, _) => "-",
     };
-    let who = r.process.as_ref().map(|p| format!("{}({})", p.comm, p.pid)).unwrap_or_else(|| "-".into());
+    let who = r
+        .process
+        .as_ref()
+        .map(|p| format!("{}({})", p.comm, p.pid))
+        .unwrap_or_else(|| "-".into());
     let target = if let Some(n) = &r.net {
-        let host = if n.daddr.contains(':') { format!("[{}]", n.daddr) } else { n.daddr.clone() };
+        let host = if n.daddr.contains(':') {
+            format!("[{}]", n.daddr)
+        } else {
+            n.daddr.clone()
+        };
         let host = match &n.domain {
             Some(d) => format!("{d}={host}"),
             None => host,
         };
         format!(" -> {host}:{}/{}", n.dport, n.protocol)
     } else if let Some(f) = &r.file {
-        format!(" -> {} ({})", f.path.as_deref().unwrap_or("?"), f.access.join(","))
+        format!(
+            " -> {} ({})",
+            f.path.as_deref().unwrap_or("?"),
+            f.access.join(",")
+        )
     } else if let Some(e) = &r.exec {
         format!(" -> {} {}", e.path.as_deref().unwrap_or("?"), e.argv.join(" "))
     } else if let Some(c) = r.count {
@@ -33,9 +49,22 @@ pub fn format(r: &Record) -> String {
         String::new()
     };
     let rule = r.rule.as_deref().map(|x| format!(" [{x}]")).or_else(|| {
-        r.source.map(|s| format!(" [{}]", serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()))
+        r.source.map(|s| {
+            format!(
+                " [{}]",
+                serde_json::to_value(s)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            )
+        })
     });
-    format!("{time} {verdict} {} {} {who}{target}{}", r.action, r.sandbox, rule.unwrap_or_default())
+    format!(
+        "{time} {verdict} {} {} {who}{target}{}",
+        r.action,
+        r.sandbox,
+        rule.unwrap_or_default()
+    )
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use pep_common::event::{
-    ACCESS_READ, ACCESS_WRITE, AF_INET, AF_INET6, EventHeader, FileEvent, KIND_FILE, KIND_NET, NET_OP_CONNECT,
-    NET_OP_SENDMSG, NetEvent, RULE_NONE, SOURCE_DEFAULT, SOURCE_RULE, VERDICT_ALLOW, VERDICT_DENY,
+    ACCESS_READ, ACCESS_WRITE, AF_INET, AF_INET6, EventHeader, FileEvent, KIND_FILE, KIND_NET,
+    NET_OP_CONNECT, NET_OP_SENDMSG, NetEvent, RULE_NONE, SOURCE_DEFAULT, SOURCE_RULE, VERDICT_ALLOW,
+    VERDICT_DENY,
 };
 use pep_common::sandbox::{MODE_AUDIT, MODE_ENFORCE};
 
@@ -71,8 +72,19 @@ pub enum NetOp {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Net { header: Header, op: NetOp, protocol: u8, daddr: IpAddr, dport: u16 },
-    File { header: Header, read: bool, write: bool, path: Option<String> },
+    Net {
+        header: Header,
+        op: NetOp,
+        protocol: u8,
+        daddr: IpAddr,
+        dport: u16,
+    },
+    File {
+        header: Header,
+        read: bool,
+        write: bool,
+        path: Option<String>,
+    },
 }
 
 impl Decision {
@@ -97,17 +109,32 @@ impl TryFrom<&EventHeader> for Header {
         let verdict = match h.verdict {
             VERDICT_ALLOW => Verdict::Allow,
             VERDICT_DENY => Verdict::Deny,
-            v => return Err(DecodeError::Field { field: "verdict", value: v }),
+            v => {
+                return Err(DecodeError::Field {
+                    field: "verdict",
+                    value: v,
+                });
+            }
         };
         let mode = match h.mode {
             MODE_ENFORCE => Mode::Enforce,
             MODE_AUDIT => Mode::Audit,
-            v => return Err(DecodeError::Field { field: "mode", value: v }),
+            v => {
+                return Err(DecodeError::Field {
+                    field: "mode",
+                    value: v,
+                });
+            }
         };
         let source = match h.source {
             SOURCE_RULE => Source::Rule,
             SOURCE_DEFAULT => Source::Default,
-            v => return Err(DecodeError::Field { field: "source", value: v }),
+            v => {
+                return Err(DecodeError::Field {
+                    field: "source",
+                    value: v,
+                });
+            }
         };
         let end = h.comm.iter().position(|b| *b == 0).unwrap_or(h.comm.len());
         Ok(Header {
@@ -142,7 +169,11 @@ impl TryFrom<&[u8]> for Decision {
             k => return Err(DecodeError::Kind(k)),
         };
         if bytes.len() < want {
-            return Err(DecodeError::Size { kind, want, got: bytes.len() });
+            return Err(DecodeError::Size {
+                kind,
+                want,
+                got: bytes.len(),
+            });
         }
         match kind {
             KIND_NET => {
@@ -151,19 +182,38 @@ impl TryFrom<&[u8]> for Decision {
                 let op = match ev.op {
                     NET_OP_CONNECT => NetOp::Connect,
                     NET_OP_SENDMSG => NetOp::Send,
-                    v => return Err(DecodeError::Field { field: "op", value: v }),
+                    v => {
+                        return Err(DecodeError::Field {
+                            field: "op",
+                            value: v,
+                        });
+                    }
                 };
                 let daddr = match ev.family {
                     AF_INET => IpAddr::V4(Ipv4Addr::new(ev.daddr[0], ev.daddr[1], ev.daddr[2], ev.daddr[3])),
                     AF_INET6 => IpAddr::V6(Ipv6Addr::from(ev.daddr)),
-                    v => return Err(DecodeError::Field { field: "family", value: v }),
+                    v => {
+                        return Err(DecodeError::Field {
+                            field: "family",
+                            value: v,
+                        });
+                    }
                 };
                 let protocol = u8::try_from(ev.protocol).map_err(|_| DecodeError::Field {
                     field: "protocol",
                     value: ev.protocol,
                 })?;
-                let dport = u16::try_from(ev.dport).map_err(|_| DecodeError::Field { field: "dport", value: ev.dport })?;
-                Ok(Decision::Net { header, op, protocol, daddr, dport })
+                let dport = u16::try_from(ev.dport).map_err(|_| DecodeError::Field {
+                    field: "dport",
+                    value: ev.dport,
+                })?;
+                Ok(Decision::Net {
+                    header,
+                    op,
+                    protocol,
+                    daddr,
+                    dport,
+                })
             }
             _ => {
                 let ev: FileEvent = read(bytes);
@@ -202,13 +252,23 @@ mod tests {
         ev.dport = 80;
         ev.daddr[..4].copy_from_slice(&[169, 254, 169, 254]);
         // SAFETY: NetEvent is plain data.
-        unsafe { std::slice::from_raw_parts((&ev as *const NetEvent).cast::<u8>(), size_of::<NetEvent>()) }.to_vec()
+        unsafe { std::slice::from_raw_parts((&ev as *const NetEvent).cast::<u8>(), size_of::<NetEvent>()) }
+            .to_vec()
     }
 
     #[test]
     fn decodes_a_net_event() {
         let d = Decision::try_from(raw_net(VERDICT_DENY, AF_INET).as_slice()).unwrap();
-        let Decision::Net { header, op, daddr, dport, protocol } = d else { panic!("not net: {d:?}") };
+        let Decision::Net {
+            header,
+            op,
+            daddr,
+            dport,
+            protocol,
+        } = d
+        else {
+            panic!("not net: {d:?}")
+        };
         assert_eq!(header.verdict, Verdict::Deny);
         assert_eq!(header.comm, "curl");
         assert_eq!(header.rule_idx, Some(1));
@@ -222,13 +282,22 @@ mod tests {
         assert_eq!(Decision::try_from(&[0u8; 8][..]), Err(DecodeError::Short(8)));
         assert!(matches!(
             Decision::try_from(raw_net(7, AF_INET).as_slice()),
-            Err(DecodeError::Field { field: "verdict", value: 7 })
+            Err(DecodeError::Field {
+                field: "verdict",
+                value: 7
+            })
         ));
         assert!(matches!(
             Decision::try_from(raw_net(VERDICT_ALLOW, 99).as_slice()),
-            Err(DecodeError::Field { field: "family", value: 99 })
+            Err(DecodeError::Field {
+                field: "family",
+                value: 99
+            })
         ));
         let raw = raw_net(VERDICT_ALLOW, AF_INET);
-        assert!(matches!(Decision::try_from(&raw[..raw.len() - 1]), Err(DecodeError::Size { .. })));
+        assert!(matches!(
+            Decision::try_from(&raw[..raw.len() - 1]),
+            Err(DecodeError::Size { .. })
+        ));
     }
 }

@@ -107,7 +107,11 @@ impl Default for Chain {
 
 impl Chain {
     pub fn new(next_seq: u64, prev: String) -> Self {
-        Self { next_seq, prev, clock: BootClock::new() }
+        Self {
+            next_seq,
+            prev,
+            clock: BootClock::new(),
+        }
     }
 
     /// The record for `d`, serialized as one line, and chained.
@@ -119,7 +123,13 @@ impl Chain {
         rec.source = Some(h.source);
         rec.process = Some(process(h));
         match d {
-            Decision::Net { op, protocol, daddr, dport, header } => {
+            Decision::Net {
+                op,
+                protocol,
+                daddr,
+                dport,
+                header,
+            } => {
                 rec.action = match op {
                     NetOp::Connect => "net.connect",
                     NetOp::Send => "net.send",
@@ -134,7 +144,12 @@ impl Chain {
                     domain: None,
                 });
             }
-            Decision::File { read, write, path, header } => {
+            Decision::File {
+                read,
+                write,
+                path,
+                header,
+            } => {
                 rec.action = if *write { "file.write" } else { "file.open" }.into();
                 rec.rule = header.rule_idx.map(|i| format!("files.rules[{i}]"));
                 let mut access = Vec::new();
@@ -144,7 +159,10 @@ impl Chain {
                 if *write {
                     access.push("write".to_string());
                 }
-                rec.file = Some(File { path: path.clone(), access });
+                rec.file = Some(File {
+                    path: path.clone(),
+                    access,
+                });
             }
         }
         self.seal(rec)
@@ -243,7 +261,11 @@ mod tests {
 
     #[test]
     fn seq_rises_and_prev_chains() {
-        let ctx = SandboxContext { name: "t".into(), policy_revision: "sha256:x".into(), degraded: None };
+        let ctx = SandboxContext {
+            name: "t".into(),
+            policy_revision: "sha256:x".into(),
+            degraded: None,
+        };
         let mut chain = Chain::default();
         let d = Decision::Net {
             header: header(Verdict::Deny),

@@ -17,14 +17,21 @@ impl Sink {
         let out: Box<dyn Write + Send> = if target == "-" {
             Box::new(BufWriter::new(io::stdout()))
         } else {
-            Box::new(BufWriter::new(OpenOptions::new().create(true).append(true).open(Path::new(target))?))
+            Box::new(BufWriter::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(Path::new(target))?,
+            ))
         };
         Ok(Self { out })
     }
 
     /// A sink that discards, for runs without `--audit`.
     pub fn null() -> Self {
-        Self { out: Box::new(io::sink()) }
+        Self {
+            out: Box::new(io::sink()),
+        }
     }
 
     pub fn write_line(&mut self, line: &str) -> io::Result<()> {

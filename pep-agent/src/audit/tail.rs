@@ -19,12 +19,18 @@ pub struct Filter {
 
 impl Filter {
     pub fn matches(&self, r: &Record) -> bool {
-        let verdict = r.verdict.and_then(|v| serde_json::to_value(v).ok()).and_then(|v| v.as_str().map(String::from));
+        let verdict = r
+            .verdict
+            .and_then(|v| serde_json::to_value(v).ok())
+            .and_then(|v| v.as_str().map(String::from));
         self.sandbox.as_ref().is_none_or(|s| *s == r.sandbox)
             && self.verdict.as_ref().is_none_or(|v| Some(v) == verdict.as_ref())
             && self.action.as_ref().is_none_or(|a| {
                 // `net` selects net.connect and net.send; `net.connect` itself.
-                r.action == *a || r.action.strip_prefix(a.as_str()).is_some_and(|rest| rest.starts_with('.'))
+                r.action == *a
+                    || r.action
+                        .strip_prefix(a.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
             })
     }
 }

@@ -26,9 +26,7 @@ pub fn compile_files(files: &FilesSection, sandbox_id: u32) -> Vec<(FileRuleKey,
         let (kind, hash) = match &rule.target {
             FileTarget::Path(p) if p.prefix => (KIND_PREFIX, fnv1a(key_path(&p.path).as_bytes())),
             FileTarget::Path(p) => (KIND_EXACT, fnv1a(p.path.as_bytes())),
-            FileTarget::Name(n) if rule.verdict == Verdict::Deny => {
-                (KIND_NAME, fnv1a(n.0.as_bytes()))
-            }
+            FileTarget::Name(n) if rule.verdict == Verdict::Deny => (KIND_NAME, fnv1a(n.0.as_bytes())),
             FileTarget::Name(_) => continue,
         };
         let v = out.entry((kind, hash)).or_default();

@@ -270,9 +270,7 @@ pub fn lookup(compiled: &CompiledNet, addr: IpAddr, port: u16, proto: u8) -> (u3
                 compiled
                     .v6
                     .iter()
-                    .filter(|(len, k, _)| {
-                        key_matches(&[&k.sandbox_id[..], &k.addr].concat(), &key, *len)
-                    })
+                    .filter(|(len, k, _)| key_matches(&[&k.sandbox_id[..], &k.addr].concat(), &key, *len))
                     .max_by_key(|(len, _, _)| *len)
                     .map(|(_, _, set)| set)
             }
@@ -283,10 +281,7 @@ pub fn lookup(compiled: &CompiledNet, addr: IpAddr, port: u16, proto: u8) -> (u3
     };
     set.rules[..set.count as usize]
         .iter()
-        .find(|r| {
-            (r.port_lo..=r.port_hi).contains(&port)
-                && (r.protocol == PROTO_ANY || r.protocol == proto)
-        })
+        .find(|r| (r.port_lo..=r.port_hi).contains(&port) && (r.protocol == PROTO_ANY || r.protocol == proto))
         .map_or((compiled.default_verdict, RULE_NONE), |r| {
             (u32::from(r.verdict), u32::from(r.rule_idx))
         })

@@ -105,11 +105,7 @@ fn rule() -> impl Strategy<Value = (Verdict, NetTarget, Vec<PortRange>, Option<P
         1 => Just(Vec::new()),
         2 => prop::collection::vec(port_range(), 1..=3),
     ];
-    let protocol = prop_oneof![
-        Just(None),
-        Just(Some(Protocol::Tcp)),
-        Just(Some(Protocol::Udp))
-    ];
+    let protocol = prop_oneof![Just(None), Just(Some(Protocol::Tcp)), Just(Some(Protocol::Udp))];
     let verdict = prop_oneof![Just(Verdict::Allow), Just(Verdict::Deny)];
     (verdict, target, ports, protocol)
 }

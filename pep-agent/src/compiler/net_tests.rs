@@ -3,9 +3,7 @@
 use std::net::IpAddr;
 
 use pep_common::event::{RULE_NONE, VERDICT_ALLOW, VERDICT_DENY};
-use pep_common::net::{
-    MAX_RULES_PER_PREFIX, NetRule as KernelRule, PROTO_ANY, PROTO_TCP, PROTO_UDP,
-};
+use pep_common::net::{MAX_RULES_PER_PREFIX, NetRule as KernelRule, PROTO_ANY, PROTO_TCP, PROTO_UDP};
 
 use super::CompileError;
 use super::net::{CompiledNet, compile_network, lookup, reference_decide};
@@ -30,14 +28,7 @@ fn compile(yaml: &str) -> (NetworkSection, CompiledNet) {
 }
 
 /// Asserts `lookup` gives `expected` and agrees with the reference.
-fn check(
-    net: &NetworkSection,
-    c: &CompiledNet,
-    addr: &str,
-    port: u16,
-    proto: u8,
-    expected: (u32, u32),
-) {
+fn check(net: &NetworkSection, c: &CompiledNet, addr: &str, port: u16, proto: u8, expected: (u32, u32)) {
     let addr: IpAddr = addr.parse().unwrap();
     let got = lookup(c, addr, port, proto);
     assert_eq!(got, expected, "{addr} {port}/{proto}");
@@ -52,15 +43,7 @@ fn check(
 fn rules_of(set: &pep_common::net::NetRuleSet) -> Vec<(u16, u16, u8, u32, u16)> {
     set.rules[..set.count as usize]
         .iter()
-        .map(|r: &KernelRule| {
-            (
-                r.port_lo,
-                r.port_hi,
-                r.protocol,
-                u32::from(r.verdict),
-                r.rule_idx,
-            )
-        })
+        .map(|r: &KernelRule| (r.port_lo, r.port_hi, r.protocol, u32::from(r.verdict), r.rule_idx))
         .collect()
 }
 
@@ -142,10 +125,7 @@ fn protocol_specific_rules() {
     check(&net, &c, "8.8.8.8", 53, PROTO_UDP, (ALLOW, 2));
     check(&net, &c, "8.8.8.8", 54, PROTO_UDP, (ALLOW, 0));
     // /0 is stored with prefix length 32: it matches every address of the sandbox.
-    assert!(
-        c.v4.iter()
-            .any(|(len, k, _)| *len == 32 && k.addr == [0; 4])
-    );
+    assert!(c.v4.iter().any(|(len, k, _)| *len == 32 && k.addr == [0; 4]));
 }
 
 #[test]
@@ -229,14 +209,7 @@ fn ipv6() {
     check(&net, &c, "2001:db9::1", 443, PROTO_TCP, (ALLOW, RULE_NONE));
     // An IPv4 destination, in either form, is not matched by `::/0`.
     check(&net, &c, "192.0.2.1", 25, PROTO_TCP, (ALLOW, RULE_NONE));
-    check(
-        &net,
-        &c,
-        "::ffff:192.0.2.1",
-        25,
-        PROTO_TCP,
-        (ALLOW, RULE_NONE),
-    );
+    check(&net, &c, "::ffff:192.0.2.1", 25, PROTO_TCP, (ALLOW, RULE_NONE));
 }
 
 #[test]
@@ -252,10 +225,7 @@ fn ipv4_mapped_cidrs_go_to_the_ipv4_trie() {
     );
     assert!(c.v6.is_empty());
     let keys: Vec<_> = c.v4.iter().map(|(len, k, _)| (*len, k.addr)).collect();
-    assert_eq!(
-        keys,
-        [(48, [10, 1, 0, 0]), (40, [10, 0, 0, 0]), (32, [0; 4])]
-    );
+    assert_eq!(keys, [(48, [10, 1, 0, 0]), (40, [10, 0, 0, 0]), (32, [0; 4])]);
     check(&net, &c, "10.2.0.1", 80, PROTO_TCP, (ALLOW, 0));
     check(&net, &c, "::ffff:10.2.0.1", 80, PROTO_TCP, (ALLOW, 0));
     check(&net, &c, "::ffff:10.1.0.1", 80, PROTO_TCP, (DENY, 1));
@@ -267,8 +237,7 @@ fn ipv4_mapped_cidrs_go_to_the_ipv4_trie() {
 
 #[test]
 fn ask_compiles_to_deny_and_sandboxes_are_keyed_apart() {
-    let (net, c) =
-        compile("network:\n  default: ask\n  rules:\n    - allow: { cidr: 10.0.0.0/8 }\n");
+    let (net, c) = compile("network:\n  default: ask\n  rules:\n    - allow: { cidr: 10.0.0.0/8 }\n");
     assert_eq!(c.default_verdict, DENY);
     let other = compile_network(&net, 0x0102_0304).unwrap();
     assert_eq!(other.v4[0].1.sandbox_id, [1, 2, 3, 4]);
@@ -300,8 +269,7 @@ fn too_many_entries_is_an_error_naming_the_rule() {
         "{err:?}"
     );
     assert!(
-        err.to_string()
-            .starts_with("network.rules[1] (10.1.0.0/16): "),
+        err.to_string().starts_with("network.rules[1] (10.1.0.0/16): "),
         "{err}"
     );
     // Shadowed entries do not count against the limit.

@@ -2,7 +2,10 @@
 //! cgroup, not a file descriptor of ours, holds the program: enforcement
 //! survives the death of the process that attached it.
 
-use std::{io, os::fd::{AsRawFd as _, BorrowedFd}};
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
 
 /// `enum bpf_cmd`.
 const BPF_PROG_ATTACH: libc::c_long = 8;
@@ -49,7 +52,16 @@ pub fn cgroup(op: Op, cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>, attach_type:
     };
     // SAFETY: bpf(2) with a valid, fully initialised attr of the given size.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, &attr as *const AttachAttr, size_of::<AttachAttr>() as libc::c_uint)
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &attr as *const AttachAttr,
+            size_of::<AttachAttr>() as libc::c_uint,
+        )
     };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }

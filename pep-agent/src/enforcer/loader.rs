@@ -19,13 +19,19 @@ pub enum EnforcerError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("BPF LSM is not available: {reason}; {hint}", hint = crate::kernel::features::ENABLE_BPF_LSM)]
     LsmUnavailable { reason: String },
     #[error("map {0} is missing from the eBPF object")]
     NoMap(&'static str),
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("opening cgroup {path}: {source}")]
     Cgroup { path: String, source: std::io::Error },
 }
@@ -62,7 +68,8 @@ impl Enforcer {
         let mut ebpf = loader.load(crate::ebpf::OBJECT)?;
         for name in NET_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(|source| EnforcerError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| EnforcerError::Program { name, source })?;
         }
         let mut this = Self { ebpf, lsm: false };
         if opts.lsm {
@@ -78,13 +85,17 @@ impl Enforcer {
                 reason: format!("the kernel's LSM list is `{}`, without bpf", lsm_list.trim()),
             });
         }
-        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EnforcerError::LsmUnavailable { reason: e.to_string() })?;
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EnforcerError::LsmUnavailable {
+            reason: e.to_string(),
+        })?;
         for (name, hook) in LSM_PROGRAMS {
             let prog: &mut Lsm = program(&mut self.ebpf, name)?;
-            prog.load(hook, &aya_btf).map_err(|e| EnforcerError::LsmUnavailable {
-                reason: format!("the kernel refused to load LSM program {name}: {e}"),
-            })?;
-            prog.attach().map_err(|source| EnforcerError::Program { name, source })?;
+            prog.load(hook, &aya_btf)
+                .map_err(|e| EnforcerError::LsmUnavailable {
+                    reason: format!("the kernel refused to load LSM program {name}: {e}"),
+                })?;
+            prog.attach()
+                .map_err(|source| EnforcerError::Program { name, source })?;
         }
         self.lsm = true;
         Ok(())
@@ -118,10 +129,14 @@ impl Enforcer {
         })?;
         for (name, attach_type) in NET_PROGRAMS.iter().zip(attach::NET_ATTACH_TYPES) {
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            let fd = prog.fd().map_err(|source| EnforcerError::Program { name, source })?;
-            attach::cgroup(op, file.as_fd(), fd.as_fd(), attach_type).map_err(|source| EnforcerError::Cgroup {
-                path: format!("{} ({name}, {op:?})", cgroup_path.display()),
-                source,
+            let fd = prog
+                .fd()
+                .map_err(|source| EnforcerError::Program { name, source })?;
+            attach::cgroup(op, file.as_fd(), fd.as_fd(), attach_type).map_err(|source| {
+                EnforcerError::Cgroup {
+                    path: format!("{} ({name}, {op:?})", cgroup_path.display()),
+                    source,
+                }
             })?;
         }
         Ok(())
@@ -129,19 +144,34 @@ impl Enforcer {
 
     /// The ring buffer of decisions. Can be taken once.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, EnforcerError> {
-        let map = self.ebpf.take_map("EVENTS").ok_or(EnforcerError::NoMap("EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| EnforcerError::Map { name: "EVENTS", source })
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(EnforcerError::NoMap("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| EnforcerError::Map {
+            name: "EVENTS",
+            source,
+        })
     }
 
     /// (decisions, lost) counted by the kernel, summed over CPUs.
     pub fn counters(&self) -> Result<(u64, u64), EnforcerError> {
-        let map = self.ebpf.map("COUNTERS").ok_or(EnforcerError::NoMap("COUNTERS"))?;
+        let map = self
+            .ebpf
+            .map("COUNTERS")
+            .ok_or(EnforcerError::NoMap("COUNTERS"))?;
         let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| EnforcerError::Map { name: "COUNTERS", source })?;
+            PerCpuArray::try_from(map).map_err(|source| EnforcerError::Map {
+                name: "COUNTERS",
+                source,
+            })?;
         let sum = |i: u32| -> Result<u64, EnforcerError> {
             Ok(arr
                 .get(&i, 0)
-                .map_err(|source| EnforcerError::Map { name: "COUNTERS", source })?
+                .map_err(|source| EnforcerError::Map {
+                    name: "COUNTERS",
+                    source,
+                })?
                 .iter()
                 .sum())
         };
@@ -157,7 +187,8 @@ where
         name,
         source: ProgramError::UnexpectedProgramType,
     })?;
-    prog.try_into().map_err(|source| EnforcerError::Program { name, source })
+    prog.try_into()
+        .map_err(|source| EnforcerError::Program { name, source })
 }
 
 /// Loads (without attaching) the LSM programs, to learn whether this kernel
@@ -170,12 +201,15 @@ pub fn probe_lsm() -> Result<(), EnforcerError> {
         loader.override_global(name, value, true);
     }
     let mut ebpf = loader.load(crate::ebpf::OBJECT)?;
-    let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EnforcerError::LsmUnavailable { reason: e.to_string() })?;
+    let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EnforcerError::LsmUnavailable {
+        reason: e.to_string(),
+    })?;
     for (name, hook) in LSM_PROGRAMS {
         let prog: &mut Lsm = program(&mut ebpf, name)?;
-        prog.load(hook, &aya_btf).map_err(|e| EnforcerError::LsmUnavailable {
-            reason: format!("the kernel refused to load LSM program {name}: {e}"),
-        })?;
+        prog.load(hook, &aya_btf)
+            .map_err(|e| EnforcerError::LsmUnavailable {
+                reason: format!("the kernel refused to load LSM program {name}: {e}"),
+            })?;
     }
     Ok(())
 }

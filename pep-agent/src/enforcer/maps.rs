@@ -1,6 +1,9 @@
 //! Writing sandboxes and their compiled rules into the kernel maps.
 
-use aya::maps::{Array, HashMap, MapData, lpm_trie::{Key, LpmTrie}};
+use aya::maps::{
+    Array, HashMap, MapData,
+    lpm_trie::{Key, LpmTrie},
+};
 use pep_common::{
     file::{FileRuleKey, FileRuleValue},
     net::{NetKeyV4, NetKeyV6, NetRuleSet},
@@ -38,21 +41,26 @@ impl Enforcer {
         if spec.cgroup_level >= MAX_CGROUP_LEVEL {
             return Err(EnforcerError::Map {
                 name: "SANDBOX_LEVELS",
-                source: aya::maps::MapError::OutOfBounds { index: spec.cgroup_level, max_entries: MAX_CGROUP_LEVEL },
+                source: aya::maps::MapError::OutOfBounds {
+                    index: spec.cgroup_level,
+                    max_entries: MAX_CGROUP_LEVEL,
+                },
             });
         }
         {
             let mut v4: LpmTrie<&mut MapData, NetKeyV4, NetRuleSet> =
                 LpmTrie::try_from(self.map_mut("NET_V4")?).map_err(map_err("NET_V4"))?;
             for (plen, key, set) in &net.v4 {
-                v4.insert(&Key::new(*plen, *key), set, 0).map_err(map_err("NET_V4"))?;
+                v4.insert(&Key::new(*plen, *key), set, 0)
+                    .map_err(map_err("NET_V4"))?;
             }
         }
         {
             let mut v6: LpmTrie<&mut MapData, NetKeyV6, NetRuleSet> =
                 LpmTrie::try_from(self.map_mut("NET_V6")?).map_err(map_err("NET_V6"))?;
             for (plen, key, set) in &net.v6 {
-                v6.insert(&Key::new(*plen, *key), set, 0).map_err(map_err("NET_V6"))?;
+                v6.insert(&Key::new(*plen, *key), set, 0)
+                    .map_err(map_err("NET_V6"))?;
             }
         }
         {
@@ -65,12 +73,15 @@ impl Enforcer {
         {
             let mut sb: HashMap<&mut MapData, u64, SandboxConfig> =
                 HashMap::try_from(self.map_mut("SANDBOXES")?).map_err(map_err("SANDBOXES"))?;
-            sb.insert(spec.cgroup_id, spec.config, 0).map_err(map_err("SANDBOXES"))?;
+            sb.insert(spec.cgroup_id, spec.config, 0)
+                .map_err(map_err("SANDBOXES"))?;
         }
         let mut levels: Array<&mut MapData, u64> =
             Array::try_from(self.map_mut("SANDBOX_LEVELS")?).map_err(map_err("SANDBOX_LEVELS"))?;
         let cur = levels.get(&0, 0).map_err(map_err("SANDBOX_LEVELS"))?;
-        levels.set(0, cur | (1u64 << spec.cgroup_level), 0).map_err(map_err("SANDBOX_LEVELS"))?;
+        levels
+            .set(0, cur | (1u64 << spec.cgroup_level), 0)
+            .map_err(map_err("SANDBOX_LEVELS"))?;
         Ok(())
     }
 }

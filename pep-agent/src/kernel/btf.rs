@@ -74,9 +74,10 @@ impl KernelBtf {
                 for _ in 0..8 {
                     match t {
                         Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) => {
-                            t = self.btf.resolve_chained_type(t.as_btf_type().ok_or_else(|| {
-                                btf_rs::Error::OpNotSupp("untyped chain".into())
-                            })?)?;
+                            t = self.btf.resolve_chained_type(
+                                t.as_btf_type()
+                                    .ok_or_else(|| btf_rs::Error::OpNotSupp("untyped chain".into()))?,
+                            )?;
                         }
                         _ => break,
                     }
@@ -111,10 +112,16 @@ mod tests {
         let btf = KernelBtf::load().expect("kernel BTF");
         let offs = program_offsets(&btf).expect("offsets");
         let tgid = offs.iter().find(|(n, _)| *n == "TASK_TGID").map(|(_, o)| *o);
-        let parent = offs.iter().find(|(n, _)| *n == "TASK_REAL_PARENT").map(|(_, o)| *o);
+        let parent = offs
+            .iter()
+            .find(|(n, _)| *n == "TASK_REAL_PARENT")
+            .map(|(_, o)| *o);
         // task_struct is thousands of bytes; real_parent follows tgid.
         assert!(tgid.is_some_and(|o| o > 0 && o < 8192), "tgid offset {tgid:?}");
-        assert!(parent > tgid, "real_parent {parent:?} should follow tgid {tgid:?}");
+        assert!(
+            parent > tgid,
+            "real_parent {parent:?} should follow tgid {tgid:?}"
+        );
     }
 
     #[test]

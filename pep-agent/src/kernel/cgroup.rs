@@ -25,7 +25,10 @@ pub enum CgroupError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
-    move |source| CgroupError::Io { path: path.to_path_buf(), source }
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The mount point of the cgroup2 hierarchy, from a mountinfo text.
@@ -62,7 +65,8 @@ fn unescape_mountinfo(s: &str) -> String {
 
 /// The cgroup2 mount of this host.
 pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
-    let info = fs::read_to_string("/proc/self/mountinfo").map_err(io_err(Path::new("/proc/self/mountinfo")))?;
+    let info =
+        fs::read_to_string("/proc/self/mountinfo").map_err(io_err(Path::new("/proc/self/mountinfo")))?;
     find_cgroup2_mount(&info).ok_or(CgroupError::NoCgroup2)
 }
 
@@ -82,7 +86,12 @@ impl Cgroup {
         fs::create_dir_all(&path).map_err(io_err(&path))?;
         let id = fs::metadata(&path).map_err(io_err(&path))?.ino();
         let level = rel.components().count() as u32;
-        Ok(Self { path, id, level, remove_on_drop: true })
+        Ok(Self {
+            path,
+            id,
+            level,
+            remove_on_drop: true,
+        })
     }
 
     /// An existing cgroup, not removed on drop.
@@ -92,7 +101,12 @@ impl Cgroup {
             path: path.to_path_buf(),
             source: io::Error::new(io::ErrorKind::InvalidInput, "not under the cgroup2 mount"),
         })?;
-        Ok(Self { path: path.to_path_buf(), id, level: rel.components().count() as u32, remove_on_drop: false })
+        Ok(Self {
+            path: path.to_path_buf(),
+            id,
+            level: rel.components().count() as u32,
+            remove_on_drop: false,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -133,7 +147,10 @@ impl Drop for Cgroup {
 }
 
 fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
-    let mut f = fs::OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
     f.write_all(value.as_bytes()).map_err(io_err(path))
 }
 
@@ -167,7 +184,9 @@ fn kill_and_remove(path: &Path) -> Result<(), CgroupError> {
 
 fn kill_procs_fallback(path: &Path) {
     for _ in 0..100 {
-        let Ok(procs) = fs::read_to_string(path.join("cgroup.procs")) else { return };
+        let Ok(procs) = fs::read_to_string(path.join("cgroup.procs")) else {
+            return;
+        };
         let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
         if pids.is_empty() {
             break;
@@ -206,7 +225,10 @@ fn remove_tree(path: &Path) -> Result<(), CgroupError> {
         }
         thread::sleep(Duration::from_millis(5));
     }
-    Err(CgroupError::Io { path: path.to_path_buf(), source: last.unwrap_or_else(|| io::Error::other("rmdir")) })
+    Err(CgroupError::Io {
+        path: path.to_path_buf(),
+        source: last.unwrap_or_else(|| io::Error::other("rmdir")),
+    })
 }
 
 #[cfg(test)]
@@ -218,7 +240,10 @@ mod tests {
         let info = "24 29 0:22 / /sys rw,nosuid - sysfs sysfs rw\n\
                     30 24 0:26 / /sys/fs/cgroup ro - tmpfs tmpfs ro,mode=755\n\
                     31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(find_cgroup2_mount(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            find_cgroup2_mount(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]

@@ -44,11 +44,7 @@ where
 /// Deserializes a mapping into `Raw` (a derived struct with
 /// `deny_unknown_fields`), then turns it into the checked type with `check`;
 /// an `Err` from `check` is reported at the mapping.
-pub(crate) fn checked_map<'de, D, Raw, T, F>(
-    d: D,
-    expecting: &'static str,
-    check: F,
-) -> Result<T, D::Error>
+pub(crate) fn checked_map<'de, D, Raw, T, F>(d: D, expecting: &'static str, check: F) -> Result<T, D::Error>
 where
     D: de::Deserializer<'de>,
     Raw: Deserialize<'de>,

@@ -41,9 +41,7 @@ impl DomainPattern {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             if !ok {
-                return Err(format!(
-                    "`{text}` is not a domain name (bad label `{label}`)"
-                ));
+                return Err(format!("`{text}` is not a domain name (bad label `{label}`)"));
             }
         }
         Ok(Self {

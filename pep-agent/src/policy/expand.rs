@@ -23,10 +23,7 @@ pub struct Vars(Vec<(String, String)>);
 
 impl Vars {
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -122,9 +119,7 @@ impl<'de> Visitor<'de> for VarValue<'_> {
 /// Var names: a letter or `_`, then letters, digits, `_` or `-`.
 fn check_var_name(name: &str) -> Result<(), String> {
     let mut chars = name.chars();
-    let ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if ok {
         Ok(())
@@ -151,9 +146,7 @@ fn expand_vars_with(text: &str, vars: &Vars) -> Result<String, String> {
         match vars.get(name) {
             Some(value) => out.push_str(value),
             None => {
-                return Err(format!(
-                    "unknown variable `${{{name}}}`: define it under `vars:`"
-                ));
+                return Err(format!("unknown variable `${{{name}}}`: define it under `vars:`"));
             }
         }
         rest = &after[end + 1..];
@@ -243,11 +236,7 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown variable `${nope}`")
         );
-        assert!(
-            expand_vars_with("${ws", &v)
-                .unwrap_err()
-                .contains("unterminated")
-        );
+        assert!(expand_vars_with("${ws", &v).unwrap_err().contains("unterminated"));
         assert!(
             expand_vars_with("${a b}", &v)
                 .unwrap_err()

@@ -143,18 +143,13 @@ impl<'de> Deserialize<'de> for FileMatch {
                 (None, Some(name)) => FileTarget::Name(name),
                 (None, None) => return Err("a file rule needs `path` or `name`".into()),
                 (Some(_), Some(_)) => {
-                    return Err(
-                        "a file rule has either `path` or `name`, not both; write two rules".into(),
-                    );
+                    return Err("a file rule has either `path` or `name`, not both; write two rules".into());
                 }
             };
             let access = match raw.access {
                 None => Access::ALL,
                 Some(kinds) if kinds.is_empty() => {
-                    return Err(
-                        "`access: []` matches nothing; leave `access` out for read and write"
-                            .into(),
-                    );
+                    return Err("`access: []` matches nothing; leave `access` out for read and write".into());
                 }
                 Some(kinds) => Access {
                     read: kinds.contains(&AccessKind::Read),

@@ -184,9 +184,8 @@ impl<'de> Deserialize<'de> for NetMatch {
                     (None, None) => return Err("a network rule needs `cidr` or `domain`".into()),
                     (Some(_), Some(_)) => {
                         return Err(
-                        "a network rule has either `cidr` or `domain`, not both; write two rules"
-                            .into(),
-                    );
+                            "a network rule has either `cidr` or `domain`, not both; write two rules".into(),
+                        );
                     }
                 };
                 Ok(Self {
@@ -204,11 +203,9 @@ struct Cidr(IpNet);
 
 impl<'de> Deserialize<'de> for Cidr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        scalar(
-            d,
-            "a CIDR such as `10.0.0.0/8` or `2001:db8::/32`",
-            |text| parse_cidr(&expand_vars(text)?).map(Cidr),
-        )
+        scalar(d, "a CIDR such as `10.0.0.0/8` or `2001:db8::/32`", |text| {
+            parse_cidr(&expand_vars(text)?).map(Cidr)
+        })
     }
 }
 
@@ -217,13 +214,12 @@ impl<'de> Deserialize<'de> for Cidr {
 pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     let text = text.trim();
     let net = if text.contains('/') {
-        text.parse::<IpNet>().map_err(|_| {
-            format!("bad CIDR `{text}`: expected e.g. `10.0.0.0/8` or `2001:db8::/32`")
-        })?
+        text.parse::<IpNet>()
+            .map_err(|_| format!("bad CIDR `{text}`: expected e.g. `10.0.0.0/8` or `2001:db8::/32`"))?
     } else {
-        let addr = text.parse::<IpAddr>().map_err(|_| {
-            format!("bad CIDR `{text}`: expected e.g. `10.0.0.0/8` or `2001:db8::/32`")
-        })?;
+        let addr = text
+            .parse::<IpAddr>()
+            .map_err(|_| format!("bad CIDR `{text}`: expected e.g. `10.0.0.0/8` or `2001:db8::/32`"))?;
         IpNet::from(addr)
     };
     if net.trunc() != net {

@@ -130,15 +130,8 @@ impl<'de> Deserialize<'de> for RegoConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked_map(d, "`rego: { files, query }`", |raw: RawRego| {
             Ok(Self {
-                files: raw
-                    .files
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|f| f.0)
-                    .collect(),
-                query: raw
-                    .query
-                    .map_or_else(|| DEFAULT_REGO_QUERY.to_owned(), |q| q.0),
+                files: raw.files.unwrap_or_default().into_iter().map(|f| f.0).collect(),
+                query: raw.query.map_or_else(|| DEFAULT_REGO_QUERY.to_owned(), |q| q.0),
             })
         })
     }
@@ -166,9 +159,7 @@ impl<'de> Deserialize<'de> for RegoQuery {
             let query = expand_vars(text)?;
             let ident = |s: &str| {
                 let mut chars = s.chars();
-                chars
-                    .next()
-                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                     && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
             };
             let mut parts = query.split('.');
@@ -196,9 +187,7 @@ impl<'de> Deserialize<'de> for OpaConfig {
         checked_map(d, "`opa: { url, timeout_ms }`", |raw: RawOpa| {
             let timeout_ms = raw.timeout_ms.unwrap_or(DEFAULT_OPA_TIMEOUT_MS);
             if timeout_ms == 0 {
-                return Err(
-                    "`timeout_ms: 0` would fail every query; give a positive timeout".into(),
-                );
+                return Err("`timeout_ms: 0` would fail every query; give a positive timeout".into());
             }
             Ok(Self {
                 url: raw.url.0,

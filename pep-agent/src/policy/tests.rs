@@ -34,16 +34,10 @@ fn spec_example_parses() {
     assert_eq!(net.len(), 3);
     assert_eq!(net[0].index, 0);
     assert_eq!(net[0].verdict, Verdict::Allow);
-    assert_eq!(
-        net[0].target,
-        NetTarget::Cidr("127.0.0.0/8".parse().unwrap())
-    );
+    assert_eq!(net[0].target, NetTarget::Cidr("127.0.0.0/8".parse().unwrap()));
     assert_eq!(
         net[0].ports,
-        [
-            PortRange { lo: 8080, hi: 8080 },
-            PortRange { lo: 9000, hi: 9100 }
-        ]
+        [PortRange { lo: 8080, hi: 8080 }, PortRange { lo: 9000, hi: 9100 }]
     );
     assert_eq!(net[0].protocol, Some(Protocol::Tcp));
     assert_eq!(net[1].verdict, Verdict::Deny);
@@ -98,12 +92,7 @@ fn spec_example_parses() {
                 FileTarget::Path(path("/home/dev/.ssh", true)),
                 rw
             ),
-            (
-                4,
-                Verdict::Deny,
-                FileTarget::Name(FileName(".env".into())),
-                rw
-            ),
+            (4, Verdict::Deny, FileTarget::Name(FileName(".env".into())), rw),
         ]
     );
     assert_eq!(p.files.rules[4].name(), "files.rules[4]");
@@ -204,10 +193,7 @@ vars:
             write: false
         }
     );
-    assert_eq!(
-        p.files.rules[1].target,
-        FileTarget::Name(FileName(".env".into()))
-    );
+    assert_eq!(p.files.rules[1].target, FileTarget::Name(FileName(".env".into())));
     assert_eq!(p.files.rules[1].access, Access::ALL);
     assert_eq!(
         p.network.rules[0].target,
@@ -245,13 +231,7 @@ exec:
     assert_eq!(p.exec.rules[0].path, path("/home/agent/bin", true));
     // No home known: `~` is an error at its node.
     let err = load_str(text, "p.yaml", &LoadContext::new("")).unwrap_err();
-    assert_eq!(
-        err.location(),
-        Some(Location {
-            line: 5,
-            column: 21
-        })
-    );
+    assert_eq!(err.location(), Some(Location { line: 5, column: 21 }));
     assert!(err.to_string().contains("home is not known"), "{err}");
 }
 
@@ -276,10 +256,7 @@ network:
         r[1].ports,
         [
             PortRange { lo: 1, hi: 1024 },
-            PortRange {
-                lo: 65535,
-                hi: 65535
-            },
+            PortRange { lo: 65535, hi: 65535 },
             PortRange { lo: 22, hi: 22 }
         ]
     );
@@ -287,10 +264,7 @@ network:
     assert!(r[1].covers_protocol(17) && !r[1].covers_protocol(6));
     assert!(r[0].covers_protocol(6) && r[0].covers_protocol(1));
     assert!(r[1].covers_port(1024) && !r[1].covers_port(1025) && r[2].covers_port(1));
-    assert_eq!(
-        r[2].target,
-        NetTarget::Cidr("192.0.2.7/32".parse().unwrap())
-    );
+    assert_eq!(r[2].target, NetTarget::Cidr("192.0.2.7/32".parse().unwrap()));
     assert_eq!(r[3].target, NetTarget::Cidr("::1/128".parse().unwrap()));
     assert_eq!(r[4].ports, [PortRange { lo: 9000, hi: 9100 }]);
     assert!(
@@ -315,10 +289,7 @@ pdp:
     assert_eq!(p.mode, Mode::Audit);
     assert_eq!(p.mode.to_kernel(), pep_common::sandbox::MODE_AUDIT);
     assert_eq!(p.pdp.engine, Engine::Opa);
-    assert_eq!(
-        p.pdp.opa.as_ref().unwrap().timeout_ms,
-        DEFAULT_OPA_TIMEOUT_MS
-    );
+    assert_eq!(p.pdp.opa.as_ref().unwrap().timeout_ms, DEFAULT_OPA_TIMEOUT_MS);
     assert_eq!(p.pdp.cache_ttl_s, 0);
     assert_eq!(p.pdp.on_unavailable, OnUnavailable::Stale);
 

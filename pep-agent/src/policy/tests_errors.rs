@@ -13,11 +13,7 @@ fn err(text: &str) -> String {
 /// prepended, so their first line is line 2.
 fn check(cases: &[(&str, &str)]) {
     for (body, expected) in cases {
-        assert_eq!(
-            err(&format!("apiVersion: pep/v1\n{body}")),
-            *expected,
-            "{body}"
-        );
+        assert_eq!(err(&format!("apiVersion: pep/v1\n{body}")), *expected, "{body}");
     }
 }
 

@@ -21,7 +21,11 @@ impl ChildSetup {
                 let name = CString::new(u.name.as_bytes()).map_err(io::Error::other)?;
                 // Resolved here: reading /etc/group is not async-signal-safe.
                 let groups = nix::unistd::getgrouplist(&name, u.gid).map_err(io::Error::other)?;
-                Some((u.uid.as_raw(), u.gid.as_raw(), groups.iter().map(|g| g.as_raw()).collect()))
+                Some((
+                    u.uid.as_raw(),
+                    u.gid.as_raw(),
+                    groups.iter().map(|g| g.as_raw()).collect(),
+                ))
             }
             None => None,
         };

@@ -81,12 +81,18 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
     };
     let home = match &user {
         Some(u) => u.dir.clone(),
-        None => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into()),
+        None => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/root".into()),
     };
     let ctx = policy::LoadContext::new(home);
     let policy = policy::load_file(&opts.policy, &ctx).map_err(|e| RunError::BadInput(e.to_string()))?;
     let mode = opts.mode.unwrap_or(policy.mode);
-    let name = opts.name.clone().or_else(|| policy.name.clone()).unwrap_or_else(|| "sandbox".into());
+    let name = opts
+        .name
+        .clone()
+        .or_else(|| policy.name.clone())
+        .unwrap_or_else(|| "sandbox".into());
     let net = compiler::net::compile_network(&policy.network, STANDALONE_SANDBOX_ID)
         .map_err(|e| RunError::BadInput(format!("{}: {e}", opts.policy.display())))?;
 
@@ -97,7 +103,10 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         ));
     }
     let cg_root = cgroup::cgroup2_root().map_err(|e| RunError::Unsupported(e.to_string()))?;
-    let cmd0 = opts.cmd.first().ok_or_else(|| RunError::BadInput("no command given after --".into()))?;
+    let cmd0 = opts
+        .cmd
+        .first()
+        .ok_or_else(|| RunError::BadInput("no command given after --".into()))?;
     let program = resolve_program(cmd0).ok_or_else(|| RunError::NotFound(cmd0.clone()))?;
 
     let needs_lsm = needs_lsm(&policy);
@@ -116,7 +125,11 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
                 "the policy has files/exec rules, which need BPF LSM: {reason}. To enable it: {ENABLE_BPF_LSM}; or pass --allow-degraded to enforce the network part only"
             )));
         }
-        Err(e) => return Err(RunError::Unsupported(format!("cannot load the eBPF programs: {e}"))),
+        Err(e) => {
+            return Err(RunError::Unsupported(format!(
+                "cannot load the eBPF programs: {e}"
+            )));
+        }
     };
 
     sweep_stale(&cg_root);
@@ -135,14 +148,22 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
             flags: 0,
         },
     };
-    enforcer.install_sandbox(&spec, &net, &files).map_err(|e| RunError::Other(e.into()))?;
-    enforcer.attach_net(cg.path()).map_err(|e| RunError::Other(e.into()))?;
+    enforcer
+        .install_sandbox(&spec, &net, &files)
+        .map_err(|e| RunError::Other(e.into()))?;
+    enforcer
+        .attach_net(cg.path())
+        .map_err(|e| RunError::Other(e.into()))?;
 
     let sink = match &opts.audit {
         Some(t) => Sink::open(t).map_err(|e| RunError::BadInput(format!("--audit {t}: {e}")))?,
         None => Sink::null(),
     };
-    let sctx = SandboxContext { name: name.clone(), policy_revision: policy.revision().to_string(), degraded };
+    let sctx = SandboxContext {
+        name: name.clone(),
+        policy_revision: policy.revision().to_string(),
+        degraded,
+    };
     let events = enforcer.take_events().map_err(|e| RunError::Other(e.into()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let pump = tokio::spawn(pump_events(events, sink, sctx, stop.clone()));
@@ -151,7 +172,10 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
     let mut command = std::process::Command::new(&program);
     command.arg0(cmd0).args(&opts.cmd[1..]);
     if let Some(u) = &user {
-        command.env("HOME", &u.dir).env("USER", &u.name).env("LOGNAME", &u.name);
+        command
+            .env("HOME", &u.dir)
+            .env("USER", &u.name)
+            .env("LOGNAME", &u.name);
     }
     // SAFETY: `apply` makes only async-signal-safe system calls.
     unsafe { command.pre_exec(move || setup.apply()) };
@@ -187,7 +211,9 @@ fn resolve_program(cmd: &str) -> Option<PathBuf> {
         return p.is_file().then_some(p);
     }
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&path).map(|d| d.join(cmd)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
 }
 
 /// Waits for the child; on SIGINT or SIGTERM to pep-agent, kills the whole
@@ -284,7 +310,12 @@ async fn pump_events(
     // it, and it is never swapped for another resource (`get_mut` is used
     // only to read from it).
     let mut fd = unsafe { AsyncFd::register(events) }?;
-    let mut state = PumpState { sink, chain: Chain::default(), sctx, lost_reported: 0 };
+    let mut state = PumpState {
+        sink,
+        chain: Chain::default(),
+        sctx,
+        lost_reported: 0,
+    };
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         // Wake at least every 50 ms to notice `stop`.
@@ -326,10 +357,14 @@ fn drain(rb: &mut RingBuf<MapData>, state: &mut PumpState) -> anyhow::Result<()>
 /// Removes sandbox cgroups left by standalone runs whose pep-agent died
 /// (their name ends in the dead process's pid).
 fn sweep_stale(root: &Path) {
-    let Ok(rd) = std::fs::read_dir(root.join(CGROUP_PARENT)) else { return };
+    let Ok(rd) = std::fs::read_dir(root.join(CGROUP_PARENT)) else {
+        return;
+    };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.rsplit('.').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let Some(pid) = name.rsplit('.').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
         if Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
