@@ -103,10 +103,7 @@ fn decide(family: u32, op: u32, protocol: u32, daddr: [u8; 16], port: u16, dest:
     let sandbox_id = sb.config.sandbox_id.to_be_bytes();
     let rules = match dest {
         Dest::V4(addr) => NET_V4.get(Key::new(SANDBOX_PREFIX_BITS + 32, NetKeyV4 { sandbox_id, addr })),
-        Dest::V6(addr) => NET_V6.get(Key::new(
-            SANDBOX_PREFIX_BITS + 128,
-            NetKeyV6 { sandbox_id, addr },
-        )),
+        Dest::V6(addr) => NET_V6.get(Key::new(SANDBOX_PREFIX_BITS + 128, NetKeyV6 { sandbox_id, addr })),
     };
     let (verdict, source, rule_idx) = match rules.and_then(|set| first_match(set, port, protocol as u8)) {
         Some((verdict, idx)) => (verdict, SOURCE_RULE, idx),
