@@ -7,9 +7,12 @@
 //! `kernel` says what the running kernel offers; `sandbox` runs a command in one.
 
 pub mod audit;
+pub mod client;
 pub mod compiler;
+pub mod daemon;
 pub mod ebpf;
 pub mod enforcer;
 pub mod kernel;
+pub mod pdp;
 pub mod policy;
 pub mod sandbox;

@@ -6,7 +6,12 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use pep_agent::{
-    audit::tail::{self, Filter, Output},
+    audit::{
+        pipeline::AuditOptions,
+        sink::Rotation,
+        tail::{self, Filter, Output},
+        verify,
+    },
     kernel::features::Features,
     policy,
     sandbox::{self, RunOptions},
@@ -42,6 +47,8 @@ enum Cmd {
         /// Without BPF LSM, enforce the network part only (and say so).
         #[arg(long)]
         allow_degraded: bool,
+        #[command(flatten)]
+        audit_opts: AuditArgs,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
@@ -57,12 +64,41 @@ enum Cmd {
     },
     /// Which kernel features are present, and what each enables.
     Doctor,
+    /// Policy Decision Point tools.
+    Pdp {
+        #[command(subcommand)]
+        cmd: PdpCmd,
+    },
 }
 
 #[derive(Subcommand)]
 enum PolicyCmd {
     /// Validate a policy; errors print as FILE:LINE:COL: message.
     Check { file: PathBuf },
+    /// Ask the PDP that FILE configures (a policy's `pdp:` section, or a
+    /// .rego file) one question; prints the decision as JSON.
+    Eval {
+        file: PathBuf,
+        /// The decision query's input: JSON, @FILE, or - for stdin.
+        #[arg(long)]
+        input: String,
+        /// For a .rego FILE: the rule to evaluate (default data.pep.decision).
+        #[arg(long)]
+        query: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PdpCmd {
+    /// Serve an OPA-compatible Data API backed by the embedded Rego engine.
+    Serve {
+        /// Rego modules (repeatable).
+        #[arg(long, required = true)]
+        policy: Vec<PathBuf>,
+        /// Address to listen on, e.g. 127.0.0.1:8181.
+        #[arg(long, default_value = "127.0.0.1:8181")]
+        listen: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -79,10 +115,55 @@ enum EventsCmd {
         verdict: Option<String>,
         #[arg(long)]
         action: Option<String>,
-        /// The audit file to read.
+        /// The audit file to read (-f follows it across rotations).
+        #[arg(long, required_unless_present = "socket", conflicts_with = "socket")]
+        file: Option<PathBuf>,
+        /// The live stream of a running pep-agent (`run --audit-socket`).
         #[arg(long)]
-        file: PathBuf,
+        socket: Option<PathBuf>,
     },
+    /// Check the seq numbering and hash chain of an audit log (a live file
+    /// and its rotated siblings, or files given oldest first); names the
+    /// first broken record. Exit 0 intact, 1 broken.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// How the audit stream is written (see docs/AUDIT.md).
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// Rotate the --audit file when it would exceed this many bytes (0: never).
+    #[arg(long, default_value_t = 0)]
+    audit_max_bytes: u64,
+    /// Rotated files kept (<path>.1 ... <path>.N).
+    #[arg(long, default_value_t = 5)]
+    audit_max_files: u32,
+    /// Serve the live stream on this unix socket (`events tail --socket`).
+    #[arg(long)]
+    audit_socket: Option<PathBuf>,
+    /// Records a slow tailer may have queued before it gets a lost marker.
+    #[arg(long, default_value_t = pep_agent::audit::hub::DEFAULT_TAILER_QUEUE)]
+    tailer_queue: usize,
+    /// Fold identical denials of one process within this many ms after the
+    /// first into one record with a count (0: off).
+    #[arg(long, default_value_t = 0)]
+    coalesce_ms: u64,
+}
+
+impl AuditArgs {
+    fn options(&self) -> AuditOptions {
+        AuditOptions {
+            coalesce: std::time::Duration::from_millis(self.coalesce_ms),
+            socket: self.audit_socket.clone(),
+            tailer_queue: self.tailer_queue,
+            rotation: Rotation {
+                max_bytes: self.audit_max_bytes,
+                max_files: self.audit_max_files,
+            },
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -107,6 +188,7 @@ fn main() -> ExitCode {
             audit,
             user,
             allow_degraded,
+            audit_opts,
             cmd,
         } => {
             let opts = RunOptions {
@@ -120,6 +202,7 @@ fn main() -> ExitCode {
                 user,
                 allow_degraded,
                 cmd,
+                audit_opts: audit_opts.options(),
             };
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
@@ -148,6 +231,7 @@ fn main() -> ExitCode {
                     verdict,
                     action,
                     file,
+                    socket,
                 },
         } => {
             let filter = Filter {
@@ -157,7 +241,18 @@ fn main() -> ExitCode {
             };
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
-            match tail::tail(&file, &filter, output, follow, &mut out, &|| false) {
+            let res = match (&socket, &file) {
+                (Some(sock), _) => tail::tail_socket(
+                    sock,
+                    &filter,
+                    output,
+                    std::time::Duration::from_secs(if follow { 30 } else { 5 }),
+                    &mut out,
+                ),
+                (None, Some(file)) => tail::tail(file, &filter, output, follow, &mut out, &|| false),
+                (None, None) => Err(anyhow::anyhow!("--file or --socket is required")),
+            };
+            match res {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("pep-agent: {e:#}");
@@ -165,7 +260,25 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Events {
+            cmd: EventsCmd::Verify { files },
+        } => {
+            let stdout = std::io::stdout();
+            match verify::run(&files, &mut stdout.lock()) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("pep-agent: {e:#}");
+                    1
+                }
+            }
+        }
         Cmd::Doctor => doctor(),
+        Cmd::Policy {
+            cmd: PolicyCmd::Eval { file, input, query },
+        } => policy_eval(&file, &input, query.as_deref()),
+        Cmd::Pdp {
+            cmd: PdpCmd::Serve { policy, listen },
+        } => pdp_serve(&policy, &listen),
     };
     ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))
 }
@@ -174,8 +287,11 @@ fn policy_check(file: &std::path::Path) -> i32 {
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| "/root".into());
-    match policy::load_file(file, &policy::LoadContext::new(home)) {
-        Ok(p) => match pep_agent::compiler::net::compile_network(&p.network, 1) {
+    match policy::load_file(file, &policy::LoadContext::new(home.clone())) {
+        // The PDP part: Rego must parse, a rules query must give valid sections.
+        Ok(mut p) => match pep_agent::pdp::check_policy(&mut p, &home).and_then(|()| {
+            pep_agent::compiler::net::compile_network(&p.network, 1).map_err(|e| e.to_string())
+        }) {
             Ok(_) => {
                 println!("{}: ok ({})", file.display(), p.revision());
                 0
@@ -187,6 +303,60 @@ fn policy_check(file: &std::path::Path) -> i32 {
         },
         Err(e) => {
             eprintln!("{e}");
+            1
+        }
+    }
+}
+
+fn policy_eval(file: &std::path::Path, input: &str, query: Option<&str>) -> i32 {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
+    let input = match pep_agent::pdp::eval::read_input(input) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("pep-agent: {e}");
+            return 1;
+        }
+    };
+    let pdp = match pep_agent::pdp::eval::engine_for(file, query, &home) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pep-agent: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(pep_agent::pdp::eval::eval(pdp.as_ref(), &input)) {
+        Ok(out) => {
+            println!("{out}");
+            0
+        }
+        Err(e) => {
+            eprintln!("pep-agent: {e}");
+            1
+        }
+    }
+}
+
+fn pdp_serve(files: &[PathBuf], listen: &str) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pep-agent: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(pep_agent::pdp::serve::serve(files, listen)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("pep-agent: {e:#}");
             1
         }
     }

@@ -41,3 +41,39 @@ pub const fn fnv1a(bytes: &[u8]) -> u64 {
     }
     h
 }
+
+/// Key of `INODE_RULES`: a file by identity, so a hard link (another path to
+/// the same inode) cannot escape a deny that names the file by path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InodeKey {
+    pub sandbox_id: u32,
+    /// `INODE_KIND_*`.
+    pub kind: u32,
+    /// `super_block.s_dev` in the kernel's encoding: `major << 20 | minor`.
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// `InodeKey::kind` for file rules; the value is a `FileRuleValue` holding
+/// only denials.
+pub const INODE_KIND_FILE: u32 = 1;
+/// `InodeKey::kind` for exec rules; the value is a `FileRuleValue` whose
+/// `read_verdict`/`read_rule` hold the exec deny (one map, one value type).
+pub const INODE_KIND_EXEC: u32 = 2;
+
+/// The kernel's `MKDEV(major, minor)`, which `super_block.s_dev` holds.
+pub const fn kernel_dev(major: u32, minor: u32) -> u64 {
+    ((major as u64) << 20) | (minor as u64 & 0xf_ffff)
+}
+
+/// Value of `EXEC_RULES` (keyed by `FileRuleKey` with `KIND_PREFIX` or
+/// `KIND_EXACT`, hashed as for file rules).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecRuleValue {
+    /// `crate::event::VERDICT_*`.
+    pub verdict: u32,
+    /// Index in the policy's `exec.rules`.
+    pub rule: u32,
+}

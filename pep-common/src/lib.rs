@@ -5,6 +5,7 @@
 //! ring buffer. Fields carry raw integers; userspace converts them with `TryFrom`.
 #![no_std]
 
+pub mod ask;
 pub mod event;
 pub mod file;
 pub mod net;
@@ -21,4 +22,10 @@ mod pod {
     unsafe impl aya::Pod for crate::sandbox::SandboxConfig {}
     unsafe impl aya::Pod for crate::file::FileRuleKey {}
     unsafe impl aya::Pod for crate::file::FileRuleValue {}
+    unsafe impl aya::Pod for crate::file::InodeKey {}
+    unsafe impl aya::Pod for crate::file::ExecRuleValue {}
+    unsafe impl aya::Pod for crate::ask::VerdictKey {}
+    unsafe impl aya::Pod for crate::ask::VerdictEntry {}
+    unsafe impl aya::Pod for crate::ask::AskSandbox {}
+    unsafe impl aya::Pod for crate::ask::AskEvent {}
 }

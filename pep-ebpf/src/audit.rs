@@ -22,11 +22,17 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_MAX, 0);
 
 #[inline(always)]
-fn bump(index: u32) {
+pub fn bump(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the
-        // program runs (programs are not preempted by themselves on one CPU).
-        unsafe { *slot += 1 };
+        // Atomic, not `+=`: on a preemptible kernel two tasks on one CPU can
+        // both be inside a program, and a lost increment would break the
+        // exact accounting (records + lost == decisions) userspace relies on.
+        // (`core::sync::atomic` has no read-modify-write ops on this target;
+        // the intrinsic compiles to BPF's atomic add.)
+        // SAFETY: `slot` points at this CPU's live, 8-byte aligned u64.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(slot, 1)
+        };
     }
 }
 
@@ -54,11 +60,12 @@ pub fn fill_header(
     h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     h.pid = (pid_tgid >> 32) as u32;
     h.tid = pid_tgid as u32;
-    h.ppid = kernel::current_ppid();
     h.uid = uid_gid as u32;
     h.gid = (uid_gid >> 32) as u32;
     h._pad = 0;
     h.comm = bpf_get_current_comm().unwrap_or_default();
+    // ppid, the process key and the ancestry chain.
+    kernel::fill_lineage(h);
 }
 
 /// Reserves room for one event of type `T`, counting the decision and, when

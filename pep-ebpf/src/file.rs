@@ -1,15 +1,29 @@
-//! File enforcement: BPF LSM `file_open`.
+//! File enforcement: BPF LSM `file_open` and the `path_*` hooks that change
+//! the tree (unlink, rename both ends, mkdir, rmdir, mknod (which is how
+//! `open(O_CREAT)` of a new file reaches the LSM), truncate, link, symlink,
+//! chmod, chown). Every one of these but `file_open` is "write" (SPEC).
 //!
-//! The path is what the kernel resolved (`bpf_d_path` on `file->f_path`),
-//! never user memory, so symlinks, `..` and `/proc/self/fd` tricks reach the
-//! rules as the real path. The path is walked once: at each `/` the prefix so
-//! far is looked up as a `KIND_PREFIX` rule, at the end the whole path as
-//! `KIND_EXACT`; the longest match per access decides; a `KIND_NAME` deny on
-//! the last component beats every allow.
+//! The path is what the kernel resolved, never user memory: `bpf_d_path` on
+//! `file->f_path` in `file_open` (allowed there), a bounded dentry walk in the
+//! `path_*` hooks (`vfs::dentry_path`; 6.1 refuses `bpf_d_path` there). So
+//! symlinks, `..`, `/proc/self/root`, `/proc/self/fd/N` and openat2's RESOLVE
+//! flags reach the rules as the real path. The path is walked once: at each `/`
+//! the prefix so far is looked up as a `KIND_PREFIX` rule, at the end the whole
+//! path as `KIND_EXACT`; the longest match per access decides; a `KIND_NAME`
+//! deny on the last component beats every allow. Then the file's identity
+//! (`s_dev`, `i_ino`) is looked up in `INODE_RULES`: userspace records there the
+//! inodes of denied files (exact-path denies, and files with more than one link
+//! under denied prefixes), so a hard link made before the sandbox started
+//! cannot reach a denied file by another name.
+//!
+//! Self-protection comes first: a write to, or a change in, a cgroup or BPF
+//! file system (recognised by the superblock's magic, not by path, so another
+//! mount of it is caught too) is denied whatever the policy (`protect.rs`).
 //!
 //! Failure policy: a task outside every sandbox is never denied (fail open for
-//! the host). For a sandboxed task, a path that cannot be resolved or is longer
-//! than `PATH_MAX_LEN` is denied (fail closed) and recorded.
+//! the host; one array read and one hash lookup). For a sandboxed task, a path
+//! that cannot be resolved or is longer than `PATH_MAX_LEN` (NUL included) is
+//! denied (fail closed) and recorded with `path_len = u32::MAX`.
 
 use aya_ebpf::{
     bindings::path,
@@ -20,25 +34,43 @@ use aya_ebpf::{
 };
 use pep_common::{
     event::{
-        ACCESS_READ, ACCESS_WRITE, FileEvent, KIND_FILE, PATH_MAX_LEN, RULE_NONE, SOURCE_DEFAULT,
-        SOURCE_RULE, VERDICT_ALLOW, VERDICT_DENY,
+        ACCESS_READ, ACCESS_WRITE, FileEvent, KIND_FILE, PATH_MAX_LEN, RULE_NONE, SELF_BPFFS, SELF_CGROUP,
+        SOURCE_DEFAULT, SOURCE_RULE, VERDICT_ALLOW, VERDICT_DENY,
     },
-    file::{FNV_OFFSET, FNV_PRIME, FileRuleKey, FileRuleValue, KIND_EXACT, KIND_NAME, KIND_PREFIX},
+    file::{
+        FNV_OFFSET, FNV_PRIME, FileRuleKey, FileRuleValue, INODE_KIND_FILE, InodeKey, KIND_EXACT, KIND_NAME,
+        KIND_PREFIX,
+    },
     sandbox::MODE_AUDIT,
 };
 
-use crate::{audit, kernel, sandbox};
+use crate::{audit, kernel, protect, sandbox, vfs};
 
 #[map]
 static FILE_RULES: HashMap<FileRuleKey, FileRuleValue> = HashMap::with_max_entries(65536, 0);
 
+/// Denials by inode identity (`INODE_KIND_FILE`: `FileRuleValue`;
+/// `INODE_KIND_EXEC`: `ExecRuleValue`, read by `exec.rs`).
+#[map]
+pub static INODE_RULES: HashMap<InodeKey, FileRuleValue> = HashMap::with_max_entries(65536, 0);
+
 /// Per-CPU scratch for the resolved path: too big for the 512-byte stack.
 #[map]
-static PATH_SCRATCH: PerCpuArray<[u8; PATH_MAX_LEN]> = PerCpuArray::with_max_entries(1, 0);
+pub static PATH_SCRATCH: PerCpuArray<[u8; PATH_MAX_LEN]> = PerCpuArray::with_max_entries(1, 0);
 
 const FMODE_READ: u32 = 0x1;
 const FMODE_WRITE: u32 = 0x2;
-const EPERM: i32 = 1;
+pub const EPERM: i32 = 1;
+
+/// The hook's answer for a decision: in audit mode a deny is only recorded.
+#[inline(always)]
+pub fn answer(sb: &sandbox::Sandbox, verdict: u32) -> i32 {
+    if verdict == VERDICT_DENY && sb.config.mode != MODE_AUDIT {
+        -EPERM
+    } else {
+        0
+    }
+}
 
 #[lsm(hook = "file_open")]
 pub fn file_open(ctx: LsmContext) -> i32 {
@@ -66,66 +98,120 @@ fn try_file_open(ctx: &LsmContext) -> i32 {
     if f_mode & FMODE_WRITE != 0 {
         access |= ACCESS_WRITE;
     }
+    let inode = vfs::file_inode(file);
     // SAFETY: as above; `f_path` is a `struct path` member of `struct file`.
     let f_path = unsafe { file.add(kernel::file_f_path() as usize) } as *mut path;
-    decide(&sb, f_path, access)
-}
-
-/// Decides `access` to the file at `p` for sandbox `sb`, records it, and
-/// returns the hook's answer.
-#[inline(always)]
-fn decide(sb: &sandbox::Sandbox, p: *mut path, access: u32) -> i32 {
+    if access & ACCESS_WRITE != 0
+        && let Some(op) = protected_fs(vfs::inode_sb(inode))
+    {
+        let (mnt, dentry) = vfs::path_parts(f_path as *const u8);
+        return protect::deny_path(&sb, op, mnt, dentry, 0);
+    }
     let Some(buf) = PATH_SCRATCH.get_ptr_mut(0) else {
         return -EPERM;
     };
     // SAFETY: per-CPU scratch, valid for this run.
     let buf = unsafe { &mut *buf };
-    // SAFETY: `p` points into the hook's `struct file`.
-    let len = unsafe { bpf_d_path(p, buf.as_mut_ptr() as *mut _, PATH_MAX_LEN as u32) };
-    let (verdict, source, rule) = if len <= 0 {
-        // Unresolvable or longer than PATH_MAX_LEN: fail closed.
-        (VERDICT_DENY, SOURCE_DEFAULT, RULE_NONE)
-    } else {
-        match_path(sb, buf, access)
+    // SAFETY: `f_path` points into the hook's `struct file`.
+    let len = unsafe { bpf_d_path(f_path, buf.as_mut_ptr() as *mut _, PATH_MAX_LEN as u32) };
+    // bpf_d_path counts the NUL.
+    let path_len = if len > 0 { Some((len - 1) as u32) } else { None };
+    decide(&sb, path_len, buf, access, inode)
+}
+
+/// Which self-protection applies to writes on the file system of `sb_ptr`.
+#[inline(always)]
+pub fn protected_fs(sb_ptr: *const u8) -> Option<u32> {
+    match vfs::sb_magic(sb_ptr) {
+        vfs::CGROUP2_SUPER_MAGIC | vfs::CGROUP_SUPER_MAGIC => Some(SELF_CGROUP),
+        vfs::BPF_FS_MAGIC => Some(SELF_BPFFS),
+        _ => None,
+    }
+}
+
+/// Decides a change to the tree at `dentry` in mount `mnt` (write access).
+#[inline(always)]
+fn decide_dentry(sb: &sandbox::Sandbox, mnt: *const u8, dentry: *const u8, access: u32) -> i32 {
+    if let Some(op) = protected_fs(vfs::dentry_sb(dentry)) {
+        return protect::deny_path(sb, op, mnt, dentry, 0);
+    }
+    let Some(buf) = PATH_SCRATCH.get_ptr_mut(0) else {
+        return -EPERM;
     };
-    let path_len = if len > 0 { (len - 1) as u32 } else { u32::MAX };
+    // SAFETY: per-CPU scratch, valid for this run.
+    let buf = unsafe { &mut *buf };
+    let path_len = vfs::dentry_path(mnt, dentry, buf);
+    decide(sb, path_len, buf, access, vfs::dentry_inode(dentry))
+}
+
+/// Decides `access` to the file whose resolved path is in `buf` (its length
+/// `path_len`, `None` when it could not be resolved) and whose inode is
+/// `inode` (may be null: a name being created), records it, and returns the
+/// hook's answer. The length comes from the resolver, not from the hashing
+/// walk: a length the verifier knows exactly per loop exit would make it
+/// verify everything after the loop once per exit.
+#[inline(always)]
+fn decide(
+    sb: &sandbox::Sandbox,
+    path_len: Option<u32>,
+    buf: &mut [u8; PATH_MAX_LEN],
+    access: u32,
+    inode: *const u8,
+) -> i32 {
+    let (mut verdict, mut source, mut rule) = match path_len {
+        Some(_) => match_path(sb, buf, access),
+        // Unresolvable or longer than PATH_MAX_LEN: fail closed.
+        None => (VERDICT_DENY, SOURCE_DEFAULT, RULE_NONE),
+    };
+    let path_len = path_len.unwrap_or(u32::MAX);
+    if verdict != VERDICT_DENY && !inode.is_null() {
+        let (dev, ino) = vfs::inode_id(inode);
+        let key = InodeKey {
+            sandbox_id: sb.config.sandbox_id,
+            kind: INODE_KIND_FILE,
+            dev,
+            ino,
+        };
+        // SAFETY: plain data written whole by userspace.
+        if let Some(v) = unsafe { INODE_RULES.get(&key) } {
+            if access & ACCESS_READ != 0 && v.read_verdict == VERDICT_DENY {
+                (verdict, source, rule) = (VERDICT_DENY, SOURCE_RULE, v.read_rule);
+            } else if access & ACCESS_WRITE != 0 && v.write_verdict == VERDICT_DENY {
+                (verdict, source, rule) = (VERDICT_DENY, SOURCE_RULE, v.write_rule);
+            }
+        }
+    }
     audit::emit(|ev: &mut FileEvent| {
         audit::fill_header(&mut ev.header, KIND_FILE, sb, verdict, source, rule);
         ev.access = access;
         ev.path_len = path_len;
-        ev.path = *buf;
+        vfs::copy(ev.path.as_mut_ptr(), buf.as_ptr(), PATH_MAX_LEN);
     });
-    if verdict == VERDICT_DENY && sb.config.mode != MODE_AUDIT {
-        -EPERM
-    } else {
-        0
-    }
+    answer(sb, verdict)
 }
 
-/// Walks the NUL-terminated path in `buf` once and returns (verdict, source,
-/// rule index) for `access`. Read and write are decided separately, each by
-/// its own longest match; the access is allowed only when both allow.
+/// Walks the NUL-terminated path in `buf` once, calling `visit(kind, hash)`
+/// for every rule key that can match it, shortest first: the prefix before
+/// each `/` (at the leading `/` that is "", which is how `/**` is stored), then
+/// the whole path as `KIND_PREFIX` (a `dir/**` rule covers `dir` itself) and
+/// as `KIND_EXACT` (more specific still). Returns the hash of the last
+/// component, or `None` when `buf` holds no NUL. (Not the length: see
+/// `decide`.)
 #[inline(always)]
-fn match_path(sb: &sandbox::Sandbox, buf: &[u8; PATH_MAX_LEN], access: u32) -> (u32, u32, u32) {
-    let sandbox_id = sb.config.sandbox_id;
+pub fn walk_keys(buf: &[u8; PATH_MAX_LEN], mut visit: impl FnMut(u32, u64)) -> Option<u64> {
     let mut h = FNV_OFFSET;
     let mut name_h = FNV_OFFSET;
-    let mut best = Best::default();
     let mut i = 0;
+    let mut terminated = false;
     // Bounded by PATH_MAX_LEN.
     while i < PATH_MAX_LEN {
         let c = buf[i];
         if c == 0 {
+            terminated = true;
             break;
         }
         if c == b'/' {
-            // The prefix before this `/`; at i == 0 it is "", which is how
-            // the compiler stores `/**`.
-            best.update(&FileRuleKey {
-                sandbox_id,
-                kind: KIND_PREFIX,
-                hash: h,
-            });
+            visit(KIND_PREFIX, h);
             name_h = FNV_OFFSET;
         } else {
             name_h = (name_h ^ u64::from(c)).wrapping_mul(FNV_PRIME);
@@ -133,18 +219,30 @@ fn match_path(sb: &sandbox::Sandbox, buf: &[u8; PATH_MAX_LEN], access: u32) -> (
         h = (h ^ u64::from(c)).wrapping_mul(FNV_PRIME);
         i += 1;
     }
-    // The whole path: a `dir/**` rule covers `dir` itself; an exact rule is
-    // more specific still, so it is looked up last.
-    best.update(&FileRuleKey {
-        sandbox_id,
-        kind: KIND_PREFIX,
-        hash: h,
-    });
-    best.update(&FileRuleKey {
-        sandbox_id,
-        kind: KIND_EXACT,
-        hash: h,
-    });
+    if !terminated {
+        return None;
+    }
+    visit(KIND_PREFIX, h);
+    visit(KIND_EXACT, h);
+    Some(name_h)
+}
+
+/// Returns (verdict, source, rule index) for `access` to the NUL-terminated
+/// path in `buf`. Read and write are decided separately, each by its own
+/// longest match; the access is allowed only when both allow.
+#[inline(always)]
+fn match_path(sb: &sandbox::Sandbox, buf: &[u8; PATH_MAX_LEN], access: u32) -> (u32, u32, u32) {
+    let sandbox_id = sb.config.sandbox_id;
+    let mut best = Best::default();
+    let Some(name_h) = walk_keys(buf, |kind, hash| {
+        best.update(&FileRuleKey {
+            sandbox_id,
+            kind,
+            hash,
+        })
+    }) else {
+        return (VERDICT_DENY, SOURCE_DEFAULT, RULE_NONE);
+    };
     // A `name` deny beats every allow.
     // SAFETY: plain data written whole by userspace.
     if let Some(v) = unsafe {
@@ -205,4 +303,169 @@ impl Best {
             }
         }
     }
+}
+
+// The hooks that change the tree. Each one: an earlier program's denial
+// stands; an unsandboxed task is never denied; a sandboxed one needs write
+// access to every path the operation changes. `dir` arguments are `struct
+// path *` (for the mount), `dentry` the entry in it.
+
+/// `path_unlink(const struct path *dir, struct dentry *dentry)`.
+#[lsm(hook = "path_unlink")]
+pub fn path_unlink(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(2);
+    if retval != 0 {
+        return retval;
+    }
+    dir_entry(&ctx, 0, 1)
+}
+
+/// `path_mkdir(const struct path *dir, struct dentry *dentry, umode_t mode)`.
+#[lsm(hook = "path_mkdir")]
+pub fn path_mkdir(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(3);
+    if retval != 0 {
+        return retval;
+    }
+    dir_entry(&ctx, 0, 1)
+}
+
+/// `path_rmdir(const struct path *dir, struct dentry *dentry)`.
+#[lsm(hook = "path_rmdir")]
+pub fn path_rmdir(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(2);
+    if retval != 0 {
+        return retval;
+    }
+    dir_entry(&ctx, 0, 1)
+}
+
+/// `path_mknod(const struct path *dir, struct dentry *dentry, umode_t mode,
+/// unsigned int dev)`: also called for `open(O_CREAT)` of a new regular file
+/// (`may_o_create`), before the file exists, so a denied create leaves
+/// nothing behind.
+#[lsm(hook = "path_mknod")]
+pub fn path_mknod(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(4);
+    if retval != 0 {
+        return retval;
+    }
+    dir_entry(&ctx, 0, 1)
+}
+
+/// `path_symlink(const struct path *dir, struct dentry *dentry, const char
+/// *old_name)`: the new name is written; the target text matters only when
+/// something opens through it, and then the resolved path is checked.
+#[lsm(hook = "path_symlink")]
+pub fn path_symlink(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(3);
+    if retval != 0 {
+        return retval;
+    }
+    dir_entry(&ctx, 0, 1)
+}
+
+/// `path_truncate(const struct path *path)`.
+#[lsm(hook = "path_truncate")]
+pub fn path_truncate(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(1);
+    if retval != 0 {
+        return retval;
+    }
+    whole_path(&ctx, 0)
+}
+
+/// `path_chmod(const struct path *path, umode_t mode)`: a change to the
+/// file, so "write".
+#[lsm(hook = "path_chmod")]
+pub fn path_chmod(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(2);
+    if retval != 0 {
+        return retval;
+    }
+    whole_path(&ctx, 0)
+}
+
+/// `path_chown(const struct path *path, kuid_t uid, kgid_t gid)`.
+#[lsm(hook = "path_chown")]
+pub fn path_chown(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(3);
+    if retval != 0 {
+        return retval;
+    }
+    whole_path(&ctx, 0)
+}
+
+/// `path_link(struct dentry *old_dentry, const struct path *new_dir, struct
+/// dentry *new_dentry)`. The new name is written. The source must be
+/// readable and writable too: a new name in a writable place would otherwise
+/// expose a file that its own path protects. Both are in the same mount (the
+/// kernel refuses cross-mount links with EXDEV before this hook).
+#[lsm(hook = "path_link")]
+pub fn path_link(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(3);
+    if retval != 0 {
+        return retval;
+    }
+    let Some(sb) = sandbox::current() else {
+        return 0;
+    };
+    let old_dentry: *const u8 = ctx.arg(0);
+    let new_dir: *const u8 = ctx.arg(1);
+    let new_dentry: *const u8 = ctx.arg(2);
+    let (mnt, _) = vfs::path_parts(new_dir);
+    let rc = decide_dentry(&sb, mnt, old_dentry, ACCESS_READ | ACCESS_WRITE);
+    if rc != 0 {
+        return rc;
+    }
+    decide_dentry(&sb, mnt, new_dentry, ACCESS_WRITE)
+}
+
+/// `path_rename(const struct path *old_dir, struct dentry *old_dentry, const
+/// struct path *new_dir, struct dentry *new_dentry, unsigned int flags)`:
+/// both ends are written (with RENAME_EXCHANGE, both are moved).
+#[lsm(hook = "path_rename")]
+pub fn path_rename(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(5);
+    if retval != 0 {
+        return retval;
+    }
+    let Some(sb) = sandbox::current() else {
+        return 0;
+    };
+    let old_dir: *const u8 = ctx.arg(0);
+    let old_dentry: *const u8 = ctx.arg(1);
+    let new_dir: *const u8 = ctx.arg(2);
+    let new_dentry: *const u8 = ctx.arg(3);
+    let (old_mnt, _) = vfs::path_parts(old_dir);
+    let rc = decide_dentry(&sb, old_mnt, old_dentry, ACCESS_WRITE);
+    if rc != 0 {
+        return rc;
+    }
+    let (new_mnt, _) = vfs::path_parts(new_dir);
+    decide_dentry(&sb, new_mnt, new_dentry, ACCESS_WRITE)
+}
+
+/// A hook whose arguments `dir_arg` (a `struct path *`) and `dentry_arg` name
+/// the entry it changes.
+#[inline(always)]
+fn dir_entry(ctx: &LsmContext, dir_arg: usize, dentry_arg: usize) -> i32 {
+    let Some(sb) = sandbox::current() else {
+        return 0;
+    };
+    let dir: *const u8 = ctx.arg(dir_arg);
+    let dentry: *const u8 = ctx.arg(dentry_arg);
+    let (mnt, _) = vfs::path_parts(dir);
+    decide_dentry(&sb, mnt, dentry, ACCESS_WRITE)
+}
+
+/// A hook whose argument `path_arg` (a `struct path *`) names the file.
+#[inline(always)]
+fn whole_path(ctx: &LsmContext, path_arg: usize) -> i32 {
+    let Some(sb) = sandbox::current() else {
+        return 0;
+    };
+    let p: *const u8 = ctx.arg(path_arg);
+    let (mnt, dentry) = vfs::path_parts(p);
+    decide_dentry(&sb, mnt, dentry, ACCESS_WRITE)
 }

@@ -3,15 +3,27 @@
 //! - `sandbox`: which sandbox (if any) the current task belongs to;
 //! - `audit`: the ring buffer of decisions and the counters;
 //! - `net`: cgroup sock_addr hooks (connect, sendmsg) over LPM tries of rules;
-//! - `file`: BPF LSM hooks on file opens.
+//! - `file`: BPF LSM hooks on file opens and on changes to the tree;
+//! - `exec`: BPF LSM hooks on exec and executable mappings;
+//! - `protect`: self-protection hooks, always on for sandboxed processes;
+//! - `vfs`: dentry-walk paths, inode identity, file system magic;
+//! - `ask`: the PDP verdict cache and held TCP connects (sock_ops, cgroup_skb).
 #![no_std]
 #![no_main]
+// `atomic_xadd` for the audit counters: `core::sync::atomic` offers no
+// read-modify-write on bpfel, and the crate is built with nightly anyway.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics, for BPF atomic add")]
 
+mod ask;
 mod audit;
+mod exec;
 mod file;
 mod kernel;
 mod net;
+mod protect;
 mod sandbox;
+mod vfs;
 
 #[cfg(not(test))]
 #[panic_handler]

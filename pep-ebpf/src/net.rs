@@ -19,14 +19,18 @@ use aya_ebpf::{
 };
 use pep_common::{
     event::{
-        AF_INET, AF_INET6, KIND_NET, NET_OP_CONNECT, NET_OP_SENDMSG, NetEvent, RULE_NONE, SOURCE_DEFAULT,
-        SOURCE_RULE, VERDICT_ALLOW, VERDICT_DENY,
+        AF_INET, AF_INET6, KIND_NET, NET_OP_CONNECT, NET_OP_SENDMSG, NetEvent, RULE_NONE, SOURCE_CACHE,
+        SOURCE_DEFAULT, SOURCE_RULE, VERDICT_ALLOW, VERDICT_DENY,
     },
     net::{MAX_RULES_PER_PREFIX, NetKeyV4, NetKeyV6, NetRuleSet, PROTO_ANY, SANDBOX_PREFIX_BITS},
     sandbox::MODE_AUDIT,
 };
 
-use crate::{audit, sandbox};
+use crate::{
+    ask::{self, Miss},
+    audit, sandbox,
+};
+use pep_common::ask::VerdictKey;
 
 #[map]
 static NET_V4: LpmTrie<NetKeyV4, NetRuleSet> = LpmTrie::with_max_entries(65536, 0);
@@ -66,7 +70,7 @@ fn on_v4(ctx: &SockAddrContext, op: u32) -> i32 {
     let port = u16::from_be(sa.user_port as u16);
     let mut daddr = [0u8; 16];
     daddr[..4].copy_from_slice(&addr);
-    decide(AF_INET, op, sa.protocol, daddr, port, Dest::V4(addr))
+    decide(ctx, AF_INET, op, sa.protocol, daddr, port, Dest::V4(addr))
 }
 
 #[inline(always)]
@@ -87,7 +91,7 @@ fn on_v6(ctx: &SockAddrContext, op: u32) -> i32 {
     } else {
         Dest::V6(daddr)
     };
-    decide(AF_INET6, op, sa.protocol, daddr, port, dest)
+    decide(ctx, AF_INET6, op, sa.protocol, daddr, port, dest)
 }
 
 enum Dest {
@@ -96,18 +100,48 @@ enum Dest {
 }
 
 #[inline(always)]
-fn decide(family: u32, op: u32, protocol: u32, daddr: [u8; 16], port: u16, dest: Dest) -> i32 {
+fn decide(
+    ctx: &SockAddrContext,
+    family: u32,
+    op: u32,
+    protocol: u32,
+    daddr: [u8; 16],
+    port: u16,
+    dest: Dest,
+) -> i32 {
     let Some(sb) = sandbox::current() else {
         return REJECT;
     };
     let sandbox_id = sb.config.sandbox_id.to_be_bytes();
+    // The PDP cache key: IPv4-mapped destinations share their IPv4 entry.
+    let mut ask_key = VerdictKey {
+        sandbox_id: sb.config.sandbox_id,
+        action: op,
+        family: AF_INET6,
+        protocol,
+        dport: u32::from(port),
+        _pad: 0,
+        daddr,
+    };
     let rules = match dest {
-        Dest::V4(addr) => NET_V4.get(Key::new(SANDBOX_PREFIX_BITS + 32, NetKeyV4 { sandbox_id, addr })),
+        Dest::V4(addr) => {
+            ask_key.family = AF_INET;
+            ask_key.daddr = [0; 16];
+            ask_key.daddr[..4].copy_from_slice(&addr);
+            NET_V4.get(Key::new(SANDBOX_PREFIX_BITS + 32, NetKeyV4 { sandbox_id, addr }))
+        }
         Dest::V6(addr) => NET_V6.get(Key::new(SANDBOX_PREFIX_BITS + 128, NetKeyV6 { sandbox_id, addr })),
     };
     let (verdict, source, rule_idx) = match rules.and_then(|set| first_match(set, port, protocol as u8)) {
         Some((verdict, idx)) => (verdict, SOURCE_RULE, idx),
-        None => (sb.config.net_default, SOURCE_DEFAULT, RULE_NONE),
+        // `network.default: ask`: the verdict cache, else the PDP.
+        None => match ask::on_miss(ctx, &sb, &ask_key) {
+            Miss::NotAsked => (sb.config.net_default, SOURCE_DEFAULT, RULE_NONE),
+            Miss::Cached(verdict) => (verdict, SOURCE_CACHE, RULE_NONE),
+            // The PDP task in userspace writes this attempt's record.
+            Miss::Proceed => return PROCEED,
+            Miss::Reject => return REJECT,
+        },
     };
     audit::emit(|ev: &mut NetEvent| {
         audit::fill_header(&mut ev.header, KIND_NET, &sb, verdict, source, rule_idx);

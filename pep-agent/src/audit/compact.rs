@@ -93,6 +93,8 @@ mod tests {
                 comm: "curl".into(),
                 exe: None,
                 cgroup_id: 8123,
+                key: "4242:1".into(),
+                ancestors: vec![],
             }),
             net: Some(Net {
                 family: "inet".into(),
@@ -105,6 +107,7 @@ mod tests {
             exec: None,
             pdp: None,
             count: None,
+            reason: None,
             degraded: None,
             policy_revision: "sha256:x".into(),
             prev: "sha256:y".into(),

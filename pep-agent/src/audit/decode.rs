@@ -5,9 +5,13 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use pep_common::event::{
-    ACCESS_READ, ACCESS_WRITE, AF_INET, AF_INET6, EventHeader, FileEvent, KIND_FILE, KIND_NET,
+    ACCESS_READ, ACCESS_WRITE, AF_INET, AF_INET6, EventHeader, FileEvent, KIND_FILE, KIND_NET, MAX_ANCESTORS,
     NET_OP_CONNECT, NET_OP_SENDMSG, NetEvent, RULE_NONE, SOURCE_DEFAULT, SOURCE_RULE, VERDICT_ALLOW,
     VERDICT_DENY,
+};
+use pep_common::event::{
+    EXEC_OP_EXEC, EXEC_OP_MMAP, EXEC_OP_MPROTECT, ExecEvent, KIND_EXEC, KIND_SELF, SELF_BPF, SELF_BPFFS,
+    SELF_CGROUP, SELF_MODULE, SELF_PTRACE, SELF_SIGNAL, SelfEvent,
 };
 use pep_common::sandbox::{MODE_AUDIT, MODE_ENFORCE};
 
@@ -62,6 +66,15 @@ pub struct Header {
     pub uid: u32,
     pub gid: u32,
     pub comm: String,
+    /// Process start, ns since boot; with `pid`, unique across the boot.
+    pub start_ns: u64,
+    /// Parent first; at most `MAX_ANCESTORS`.
+    pub ancestors: Vec<(u32, String)>,
+}
+
+fn comm_str(c: &[u8]) -> String {
+    let end = c.iter().position(|b| *b == 0).unwrap_or(c.len());
+    String::from_utf8_lossy(&c[..end]).into_owned()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,12 +98,138 @@ pub enum Decision {
         write: bool,
         path: Option<String>,
     },
+    /// An exec decision (`exec.rules`).
+    Exec {
+        header: Header,
+        op: ExecOp,
+        /// `None` when the path was too long or could not be resolved.
+        path: Option<String>,
+        argv: Vec<String>,
+    },
+    /// A self-protection denial: always on, whatever the policy.
+    SelfProtect {
+        header: Header,
+        op: SelfOp,
+        /// The target's pid for `Signal` and `Ptrace`.
+        target_pid: Option<u32>,
+        /// The signal, the bpf command, the ptrace mode, the module read id
+        /// or the clone flags (see `pep_common::event::SelfEvent::arg`).
+        arg: u64,
+        /// The file (cgroup, bpffs, module) or the module name, when known.
+        path: Option<String>,
+    },
+}
+
+/// How an exec decision was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecOp {
+    /// execve/execveat.
+    Exec,
+    /// mmap of the file with PROT_EXEC (e.g. through ld.so).
+    Mmap,
+    /// mprotect of a mapping of the file to PROT_EXEC.
+    Mprotect,
+}
+
+/// Which self-protection denied; `action()` is the record's action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelfOp {
+    Bpf,
+    Cgroup,
+    Signal,
+    Ptrace,
+    Module,
+    Bpffs,
+}
+
+impl SelfOp {
+    /// The audit record's `action`.
+    pub fn action(self) -> &'static str {
+        match self {
+            SelfOp::Bpf => "self.bpf",
+            SelfOp::Cgroup => "self.cgroup",
+            SelfOp::Signal => "self.signal",
+            SelfOp::Ptrace => "self.ptrace",
+            SelfOp::Module => "self.module",
+            SelfOp::Bpffs => "self.bpffs",
+        }
+    }
+}
+
+/// The in-use bytes of a kernel path buffer, or `None` (`u32::MAX` or out of
+/// range: too long or unresolvable).
+fn path_str(buf: &[u8], len: u32) -> Option<String> {
+    usize::try_from(len)
+        .ok()
+        .filter(|l| *l <= buf.len())
+        .map(|l| String::from_utf8_lossy(&buf[..l]).into_owned())
+}
+
+fn decode_exec(ev: &ExecEvent) -> Result<Decision, DecodeError> {
+    let header = Header::try_from(&ev.header)?;
+    let op = match ev.op {
+        EXEC_OP_EXEC => ExecOp::Exec,
+        EXEC_OP_MMAP => ExecOp::Mmap,
+        EXEC_OP_MPROTECT => ExecOp::Mprotect,
+        v => {
+            return Err(DecodeError::Field {
+                field: "exec op",
+                value: v,
+            });
+        }
+    };
+    let used = usize::try_from(ev.argv_len)
+        .ok()
+        .filter(|l| *l <= ev.argv.len())
+        .ok_or(DecodeError::Field {
+            field: "argv_len",
+            value: ev.argv_len,
+        })?;
+    let argv = ev.argv[..used]
+        .split(|b| *b == 0)
+        .take(ev.argc as usize)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Ok(Decision::Exec {
+        header,
+        op,
+        path: path_str(&ev.path, ev.path_len),
+        argv,
+    })
+}
+
+fn decode_self(ev: &SelfEvent) -> Result<Decision, DecodeError> {
+    let header = Header::try_from(&ev.header)?;
+    let op = match ev.op {
+        SELF_BPF => SelfOp::Bpf,
+        SELF_CGROUP => SelfOp::Cgroup,
+        SELF_SIGNAL => SelfOp::Signal,
+        SELF_PTRACE => SelfOp::Ptrace,
+        SELF_MODULE => SelfOp::Module,
+        SELF_BPFFS => SelfOp::Bpffs,
+        v => {
+            return Err(DecodeError::Field {
+                field: "self op",
+                value: v,
+            });
+        }
+    };
+    Ok(Decision::SelfProtect {
+        header,
+        op,
+        target_pid: (ev.target_pid != 0).then_some(ev.target_pid),
+        arg: ev.arg,
+        path: path_str(&ev.path, ev.path_len),
+    })
 }
 
 impl Decision {
     pub fn header(&self) -> &Header {
         match self {
-            Decision::Net { header, .. } | Decision::File { header, .. } => header,
+            Decision::Net { header, .. }
+            | Decision::File { header, .. }
+            | Decision::Exec { header, .. }
+            | Decision::SelfProtect { header, .. } => header,
         }
     }
 }
@@ -129,6 +268,8 @@ impl TryFrom<&EventHeader> for Header {
         let source = match h.source {
             SOURCE_RULE => Source::Rule,
             SOURCE_DEFAULT => Source::Default,
+            pep_common::event::SOURCE_CACHE => Source::Cache,
+            pep_common::event::SOURCE_PDP => Source::Pdp,
             v => {
                 return Err(DecodeError::Field {
                     field: "source",
@@ -136,7 +277,13 @@ impl TryFrom<&EventHeader> for Header {
                 });
             }
         };
-        let end = h.comm.iter().position(|b| *b == 0).unwrap_or(h.comm.len());
+        let n = usize::try_from(h.n_ancestors)
+            .ok()
+            .filter(|n| *n <= MAX_ANCESTORS)
+            .ok_or(DecodeError::Field {
+                field: "n_ancestors",
+                value: h.n_ancestors,
+            })?;
         Ok(Header {
             verdict,
             mode,
@@ -150,7 +297,12 @@ impl TryFrom<&EventHeader> for Header {
             ppid: h.ppid,
             uid: h.uid,
             gid: h.gid,
-            comm: String::from_utf8_lossy(&h.comm[..end]).into_owned(),
+            comm: comm_str(&h.comm),
+            start_ns: h.start_ns,
+            ancestors: h.ancestors[..n]
+                .iter()
+                .map(|a| (a.pid, comm_str(&a.comm)))
+                .collect(),
         })
     }
 }
@@ -166,6 +318,8 @@ impl TryFrom<&[u8]> for Decision {
         let want = match kind {
             KIND_NET => size_of::<NetEvent>(),
             KIND_FILE => size_of::<FileEvent>(),
+            KIND_EXEC => size_of::<ExecEvent>(),
+            KIND_SELF => size_of::<SelfEvent>(),
             k => return Err(DecodeError::Kind(k)),
         };
         if bytes.len() < want {
@@ -215,6 +369,8 @@ impl TryFrom<&[u8]> for Decision {
                     dport,
                 })
             }
+            KIND_EXEC => decode_exec(&read::<ExecEvent>(bytes)),
+            KIND_SELF => decode_self(&read::<SelfEvent>(bytes)),
             _ => {
                 let ev: FileEvent = read(bytes);
                 let header = Header::try_from(&ev.header)?;
@@ -246,6 +402,12 @@ mod tests {
         ev.header.rule_idx = 1;
         ev.header.pid = 42;
         ev.header.comm[..4].copy_from_slice(b"curl");
+        ev.header.start_ns = 77;
+        ev.header.n_ancestors = 2;
+        ev.header.ancestors[0].pid = 41;
+        ev.header.ancestors[0].comm[..4].copy_from_slice(b"bash");
+        ev.header.ancestors[1].pid = 1;
+        ev.header.ancestors[1].comm[..7].copy_from_slice(b"systemd");
         ev.family = family;
         ev.op = NET_OP_CONNECT;
         ev.protocol = 6;
@@ -272,6 +434,11 @@ mod tests {
         assert_eq!(header.verdict, Verdict::Deny);
         assert_eq!(header.comm, "curl");
         assert_eq!(header.rule_idx, Some(1));
+        assert_eq!(header.start_ns, 77);
+        assert_eq!(
+            header.ancestors,
+            vec![(41, "bash".to_string()), (1, "systemd".to_string())]
+        );
         assert_eq!(op, NetOp::Connect);
         assert_eq!(daddr, "169.254.169.254".parse::<IpAddr>().unwrap());
         assert_eq!((dport, protocol), (80, 6));
@@ -292,6 +459,17 @@ mod tests {
             Err(DecodeError::Field {
                 field: "family",
                 value: 99
+            })
+        ));
+        let mut raw = raw_net(VERDICT_ALLOW, AF_INET);
+        // n_ancestors beyond the array is rejected, never read out of bounds.
+        let off = std::mem::offset_of!(EventHeader, n_ancestors);
+        raw[off..off + 4].copy_from_slice(&5u32.to_ne_bytes());
+        assert!(matches!(
+            Decision::try_from(raw.as_slice()),
+            Err(DecodeError::Field {
+                field: "n_ancestors",
+                value: 5
             })
         ));
         let raw = raw_net(VERDICT_ALLOW, AF_INET);

@@ -1,9 +1,13 @@
 //! The audit stream: kernel events decoded into SPEC records, chained, and
-//! written to sinks; and the reader side (`events tail`).
+//! written to sinks; and the reader side (`events tail`, `events verify`).
 
 pub mod clock;
 pub mod compact;
 pub mod decode;
+pub mod hub;
+pub mod ocsf;
+pub mod pipeline;
 pub mod record;
 pub mod sink;
 pub mod tail;
+pub mod verify;

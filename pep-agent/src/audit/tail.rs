@@ -1,13 +1,15 @@
-//! `pep-agent events tail --file PATH`: print, filter and follow an audit log.
+//! `pep-agent events tail`: print, filter and follow an audit log (`--file`),
+//! or the live stream of a running pep-agent (`--socket`).
 
 use std::{
     fs::File,
-    io::{BufRead as _, BufReader},
-    path::Path,
+    io::{BufRead as _, BufReader, Seek as _, SeekFrom},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
-use super::{compact, record::Record};
+use super::{compact, ocsf, record::Record, sink::rotated};
 
 /// Which records to print.
 #[derive(Debug, Clone, Default)]
@@ -19,11 +21,17 @@ pub struct Filter {
 
 impl Filter {
     pub fn matches(&self, r: &Record) -> bool {
+        let sandbox_ok = self.sandbox.as_ref().is_none_or(|s| *s == r.sandbox);
+        // Losses pass every filter but the sandbox: whoever follows a part
+        // of the stream must learn that part of it may be missing.
+        if r.action == "audit.lost" {
+            return sandbox_ok;
+        }
         let verdict = r
             .verdict
             .and_then(|v| serde_json::to_value(v).ok())
             .and_then(|v| v.as_str().map(String::from));
-        self.sandbox.as_ref().is_none_or(|s| *s == r.sandbox)
+        sandbox_ok
             && self.verdict.as_ref().is_none_or(|v| Some(v) == verdict.as_ref())
             && self.action.as_ref().is_none_or(|a| {
                 // `net` selects net.connect and net.send; `net.connect` itself.
@@ -39,10 +47,19 @@ impl Filter {
 pub enum Output {
     Json,
     Compact,
+    Ocsf,
+}
+
+/// How often a follower looks for more.
+const POLL: Duration = Duration::from_millis(20);
+
+fn ino(m: &std::fs::Metadata) -> (u64, u64) {
+    (m.dev(), m.ino())
 }
 
 /// Prints the records of `path` that `filter` selects; with `follow`, keeps
-/// reading as the file grows until `stop` returns true.
+/// reading as the file grows, across rotations (the writer renaming it to
+/// `<path>.1`), until `stop` returns true.
 pub fn tail(
     path: &Path,
     filter: &Filter,
@@ -52,42 +69,126 @@ pub fn tail(
     stop: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
     let file = File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let mut reader = BufReader::new(file);
-    let mut line = String::new();
-    let mut lineno = 0u64;
+    let mut cur = Reader::new(path.to_path_buf(), file)?;
     loop {
-        line.clear();
-        let n = reader.read_line(&mut line)?;
-        if n == 0 || !line.ends_with('\n') {
-            if !follow || stop() {
-                if n > 0 && !follow {
-                    emit(&line, lineno + 1, filter, output, out, path)?;
-                }
-                return Ok(());
-            }
-            // A partial last line: wait for the rest of it.
-            if n > 0 {
-                let mut rest = String::new();
-                loop {
-                    std::thread::sleep(Duration::from_millis(50));
-                    rest.clear();
-                    if reader.read_line(&mut rest)? > 0 {
-                        line.push_str(&rest);
-                        if line.ends_with('\n') {
+        cur.read_available(filter, output, out)?;
+        if !follow {
+            cur.finish(filter, output, out)?;
+            return Ok(());
+        }
+        out.flush()?;
+        if stop() {
+            return Ok(());
+        }
+        // Rotated? The live path now names another file.
+        match std::fs::metadata(path) {
+            Ok(m) if ino(&m) != cur.id => {
+                // The old file is complete once renamed (the writer flushes
+                // before it rotates): read its rest, then every file rotated
+                // after it (more than one rotation may have happened since
+                // the last look), then the new live file.
+                cur.read_available(filter, output, out)?;
+                let mut newer = Vec::new();
+                for n in 1..=1000 {
+                    let p = rotated(path, n);
+                    match std::fs::metadata(&p) {
+                        Ok(m) if ino(&m) == cur.id => break,
+                        Ok(_) => newer.push(p),
+                        Err(_) => {
+                            // Our file was removed (rotated away): nothing
+                            // newer to find with certainty.
+                            newer.clear();
                             break;
                         }
-                    } else if stop() {
-                        return Ok(());
                     }
                 }
-            } else {
-                out.flush()?;
-                std::thread::sleep(Duration::from_millis(100));
+                for p in newer.iter().rev() {
+                    if let Ok(f) = File::open(p) {
+                        let mut r = Reader::new(p.clone(), f)?;
+                        r.read_available(filter, output, out)?;
+                    }
+                }
+                match File::open(path) {
+                    Ok(f) => cur = Reader::new(path.to_path_buf(), f)?,
+                    Err(_) => std::thread::sleep(POLL),
+                }
                 continue;
             }
+            Ok(m) if m.len() < cur.pos => {
+                // Truncated in place: start over.
+                cur.reader.seek(SeekFrom::Start(0))?;
+                cur.pos = 0;
+                cur.partial.clear();
+            }
+            _ => {}
         }
-        lineno += 1;
-        emit(&line, lineno, filter, output, out, path)?;
+        std::thread::sleep(POLL);
+    }
+}
+
+struct Reader {
+    path: PathBuf,
+    id: (u64, u64),
+    reader: BufReader<File>,
+    pos: u64,
+    lineno: u64,
+    partial: String,
+}
+
+impl Reader {
+    fn new(path: PathBuf, file: File) -> anyhow::Result<Self> {
+        let id = ino(&file.metadata()?);
+        Ok(Self {
+            path,
+            id,
+            reader: BufReader::with_capacity(256 << 10, file),
+            pos: 0,
+            lineno: 0,
+            partial: String::new(),
+        })
+    }
+
+    /// Prints every complete line there is now.
+    fn read_available(
+        &mut self,
+        filter: &Filter,
+        output: Output,
+        out: &mut dyn std::io::Write,
+    ) -> anyhow::Result<()> {
+        loop {
+            let n = self.reader.read_line(&mut self.partial)?;
+            self.pos += n as u64;
+            if n == 0 || !self.partial.ends_with('\n') {
+                // Keep a partial last line for when the rest arrives.
+                return Ok(());
+            }
+            self.lineno += 1;
+            let line = std::mem::take(&mut self.partial);
+            emit(&line, self.lineno, filter, output, out, &self.path)?;
+        }
+    }
+
+    /// A last line without a newline, when not following.
+    fn finish(
+        &mut self,
+        filter: &Filter,
+        output: Output,
+        out: &mut dyn std::io::Write,
+    ) -> anyhow::Result<()> {
+        if !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            emit(&line, self.lineno + 1, filter, output, out, &self.path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Prints one record in `output` form.
+pub fn print(rec: &Record, line: &str, output: Output, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    match output {
+        Output::Json => writeln!(out, "{line}"),
+        Output::Compact => writeln!(out, "{}", compact::format(rec)),
+        Output::Ocsf => writeln!(out, "{}", ocsf::to_ocsf(rec)),
     }
 }
 
@@ -106,10 +207,61 @@ fn emit(
     let rec: Record = serde_json::from_str(line)
         .map_err(|e| anyhow::anyhow!("{}:{lineno}: not an audit record: {e}", path.display()))?;
     if filter.matches(&rec) {
-        match output {
-            Output::Json => writeln!(out, "{line}")?,
-            Output::Compact => writeln!(out, "{}", compact::format(&rec))?,
-        }
+        print(&rec, line, output, out)?;
     }
     Ok(())
+}
+
+/// Follows the live stream at `socket` with `filter` (applied by the
+/// server), printing until the stream ends. Waits up to `wait` for the
+/// socket to appear.
+pub fn tail_socket(
+    socket: &Path,
+    filter: &Filter,
+    output: Output,
+    wait: Duration,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let deadline = std::time::Instant::now() + wait;
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!("{}: {e}; retrying", socket.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => anyhow::bail!("{}: {e}", socket.display()),
+        }
+    };
+    let sub = super::hub::Subscribe {
+        sandbox: filter.sandbox.clone(),
+        verdict: filter.verdict.clone(),
+        action: filter.action.clone(),
+    };
+    let mut w = &stream;
+    writeln!(w, "{}", serde_json::to_string(&sub)?)?;
+    let mut rd = BufReader::new(&stream);
+    let mut line = String::new();
+    let mut lineno = 0u64;
+    loop {
+        line.clear();
+        if rd.read_line(&mut line)? == 0 {
+            out.flush()?;
+            return Ok(());
+        }
+        lineno += 1;
+        let l = line.trim_end();
+        if lineno == 1 && l == "{\"subscribed\":true}" {
+            eprintln!("pep-agent: following {}", socket.display());
+            continue;
+        }
+        let rec: Record = serde_json::from_str(l)
+            .map_err(|e| anyhow::anyhow!("{}: not an audit record: {e}: {l}", socket.display()))?;
+        print(&rec, l, output, out)?;
+        // Live: each record as it comes, unless more are already waiting.
+        if rd.buffer().is_empty() {
+            out.flush()?;
+        }
+    }
 }

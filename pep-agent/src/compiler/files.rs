@@ -5,11 +5,14 @@
 //! allow, and a `name` allow has no defined precedence, so `policy check`
 //! reports it (see `name_allow_rules`).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, os::unix::fs::MetadataExt as _, path::Path};
 
 use pep_common::{
     event::{VERDICT_ALLOW, VERDICT_DENY},
-    file::{FileRuleKey, FileRuleValue, KIND_EXACT, KIND_NAME, KIND_PREFIX, fnv1a},
+    file::{
+        FileRuleKey, FileRuleValue, INODE_KIND_FILE, InodeKey, KIND_EXACT, KIND_NAME, KIND_PREFIX, fnv1a,
+        kernel_dev,
+    },
 };
 
 use crate::policy::{FileTarget, FilesSection, Verdict};
@@ -57,6 +60,147 @@ fn merge(verdict: &mut u32, rule: &mut u32, new: u32, idx: u32) {
     if *verdict == 0 || (*verdict == VERDICT_ALLOW && new == VERDICT_DENY) {
         *verdict = new;
         *rule = idx;
+    }
+}
+
+/// The verdicts (per access) that the kernel's `match_path` reaches for
+/// `path` with `entries` from `compile_files`: the same walk over the same
+/// keys, so userspace can predict the kernel (used for inode identity below
+/// and in tests). Returns (read, write) as (verdict, rule index or
+/// `u32::MAX`).
+pub fn lookup(
+    entries: &[(FileRuleKey, FileRuleValue)],
+    default: u32,
+    path: &str,
+) -> ((u32, u32), (u32, u32)) {
+    let get = |kind: u32, bytes: &[u8]| {
+        let hash = fnv1a(bytes);
+        entries
+            .iter()
+            .find(|(k, _)| k.kind == kind && k.hash == hash)
+            .map(|(_, v)| *v)
+    };
+    let bytes = path.as_bytes();
+    let (mut read, mut write) = (None, None);
+    let mut visit = |v: Option<FileRuleValue>| {
+        if let Some(v) = v {
+            if v.read_verdict != 0 {
+                read = Some((v.read_verdict, v.read_rule));
+            }
+            if v.write_verdict != 0 {
+                write = Some((v.write_verdict, v.write_rule));
+            }
+        }
+    };
+    for (i, c) in bytes.iter().enumerate() {
+        if *c == b'/' {
+            visit(get(KIND_PREFIX, &bytes[..i]));
+        }
+    }
+    visit(get(KIND_PREFIX, bytes));
+    visit(get(KIND_EXACT, bytes));
+    let mut read = read.unwrap_or((default, u32::MAX));
+    let mut write = write.unwrap_or((default, u32::MAX));
+    let name = bytes.rsplit(|c| *c == b'/').next().unwrap_or(bytes);
+    if let Some(v) = get(KIND_NAME, name) {
+        if v.read_verdict == VERDICT_DENY {
+            read = (VERDICT_DENY, v.read_rule);
+        }
+        if v.write_verdict == VERDICT_DENY {
+            write = (VERDICT_DENY, v.write_rule);
+        }
+    }
+    (read, write)
+}
+
+/// Most directory entries scanned under denied prefixes when looking for
+/// hard-linked files; past it the scan stops (and says so in the log).
+pub const MAX_INODE_SCAN: usize = 100_000;
+
+/// Inode-identity denials (`INODE_RULES`, kind `INODE_KIND_FILE`), so that a
+/// hard link made before the sandbox started cannot reach a denied file by
+/// another name. Recorded: the file named by each exact-path deny, and every
+/// regular file with more than one link under each denied prefix (a file with
+/// one link has no other name; links made later, inside the sandbox, go
+/// through `path_link`, which requires the source to be readable and
+/// writable). Each file gets the deny bits its own path has. Files that do
+/// not exist are skipped. Name rules match names only.
+pub fn inode_denies(
+    files: &FilesSection,
+    entries: &[(FileRuleKey, FileRuleValue)],
+    sandbox_id: u32,
+) -> Vec<(InodeKey, FileRuleValue)> {
+    let default = files.default.to_kernel();
+    let mut out: BTreeMap<(u64, u64), FileRuleValue> = BTreeMap::new();
+    let mut add = |path: &Path, meta: &std::fs::Metadata| {
+        let Some(p) = path.to_str() else { return };
+        let (read, write) = lookup(entries, default, p);
+        let mut v = FileRuleValue::default();
+        if read.0 == VERDICT_DENY {
+            (v.read_verdict, v.read_rule) = read;
+        }
+        if write.0 == VERDICT_DENY {
+            (v.write_verdict, v.write_rule) = write;
+        }
+        if v != FileRuleValue::default() {
+            out.insert(inode_id(meta), v);
+        }
+    };
+    let mut budget = MAX_INODE_SCAN;
+    for rule in files.rules.iter().filter(|r| r.verdict == Verdict::Deny) {
+        let FileTarget::Path(p) = &rule.target else { continue };
+        let path = Path::new(&p.path);
+        if !p.prefix {
+            if let Ok(meta) = std::fs::metadata(path) {
+                add(path, &meta);
+            }
+            continue;
+        }
+        scan_linked(path, &mut budget, &mut add);
+    }
+    out.into_iter()
+        .map(|((dev, ino), v)| {
+            (
+                InodeKey {
+                    sandbox_id,
+                    kind: INODE_KIND_FILE,
+                    dev,
+                    ino,
+                },
+                v,
+            )
+        })
+        .collect()
+}
+
+/// (`s_dev` as the kernel encodes it, inode number) of a file.
+pub fn inode_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    let dev = meta.dev();
+    (kernel_dev(libc::major(dev), libc::minor(dev)), meta.ino())
+}
+
+/// Calls `found` for every regular file with more than one link under
+/// `dir`, without following symlinks, within `budget` entries.
+pub fn scan_linked(dir: &Path, budget: &mut usize, found: &mut impl FnMut(&Path, &std::fs::Metadata)) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            if *budget == 0 {
+                tracing::warn!(
+                    "inode scan under {} stopped after {MAX_INODE_SCAN} entries: hard links below are not all known",
+                    dir.display()
+                );
+                return;
+            }
+            *budget -= 1;
+            let Ok(meta) = e.path().symlink_metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else if meta.is_file() && meta.nlink() > 1 {
+                found(&e.path(), &meta);
+            }
+        }
     }
 }
 

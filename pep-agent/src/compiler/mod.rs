@@ -29,3 +29,4 @@ pub enum CompileError {
     TooManyRules { rule: String, max: usize },
 }
 pub mod files;
+pub mod exec;

@@ -39,7 +39,31 @@ pub enum EnforcerError {
 /// The network hooks, attached to each sandbox's cgroup.
 pub const NET_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 /// The LSM hooks, attached globally and scoped by cgroup in the programs.
-pub const LSM_PROGRAMS: [(&str, &str); 1] = [("file_open", "file_open")];
+/// (program name, hook): files (`file.rs`), exec (`exec.rs`) and
+/// self-protection (`protect.rs`).
+pub const LSM_PROGRAMS: [(&str, &str); 21] = [
+    ("file_open", "file_open"),
+    ("path_unlink", "path_unlink"),
+    ("path_mkdir", "path_mkdir"),
+    ("path_rmdir", "path_rmdir"),
+    ("path_mknod", "path_mknod"),
+    ("path_symlink", "path_symlink"),
+    ("path_truncate", "path_truncate"),
+    ("path_chmod", "path_chmod"),
+    ("path_chown", "path_chown"),
+    ("path_link", "path_link"),
+    ("path_rename", "path_rename"),
+    ("bprm_check_security", "bprm_check_security"),
+    ("mmap_file", "mmap_file"),
+    ("file_mprotect", "file_mprotect"),
+    ("bpf", "bpf"),
+    ("task_kill", "task_kill"),
+    ("ptrace_access_check", "ptrace_access_check"),
+    ("kernel_read_file", "kernel_read_file"),
+    ("kernel_load_data", "kernel_load_data"),
+    ("kernel_module_request", "kernel_module_request"),
+    ("task_alloc", "task_alloc"),
+];
 
 /// What to load.
 #[derive(Debug, Clone, Copy, Default)]
@@ -97,8 +121,33 @@ impl Enforcer {
             prog.attach()
                 .map_err(|source| EnforcerError::Program { name, source })?;
         }
+        // Self-protection: no signal or ptrace from a sandbox reaches us.
+        self.protect_pid(std::process::id())?;
         self.lsm = true;
         Ok(())
+    }
+
+    /// Adds `tgid` to the processes that sandboxed processes may neither
+    /// signal nor ptrace (`PROTECTED`, read by pep-ebpf `protect.rs`).
+    pub fn protect_pid(&mut self, tgid: u32) -> Result<(), EnforcerError> {
+        let map = self
+            .ebpf
+            .map_mut("PROTECTED")
+            .ok_or(EnforcerError::NoMap("PROTECTED"))?;
+        let mut m: aya::maps::HashMap<&mut MapData, u32, u32> =
+            aya::maps::HashMap::try_from(map).map_err(|source| EnforcerError::Map {
+                name: "PROTECTED",
+                source,
+            })?;
+        m.insert(tgid, 1, 0).map_err(|source| EnforcerError::Map {
+            name: "PROTECTED",
+            source,
+        })
+    }
+
+    /// An enforcer around an object loaded by `pinned` (the host daemon).
+    pub(super) fn from_parts(ebpf: Ebpf, lsm: bool) -> Self {
+        Self { ebpf, lsm }
     }
 
     /// Whether the LSM programs are attached.

@@ -85,3 +85,28 @@ impl Enforcer {
         Ok(())
     }
 }
+
+impl Enforcer {
+    /// Writes the exec rules and the inode-identity denials of a sandbox.
+    /// Call before `install_sandbox`, which publishes the sandbox entry: the
+    /// kernel must never see a sandbox without all of its rules.
+    pub fn install_exec_and_inode_rules(
+        &mut self,
+        exec: &[(FileRuleKey, pep_common::file::ExecRuleValue)],
+        inodes: &[(pep_common::file::InodeKey, FileRuleValue)],
+    ) -> Result<(), EnforcerError> {
+        {
+            let mut er: HashMap<&mut MapData, FileRuleKey, pep_common::file::ExecRuleValue> =
+                HashMap::try_from(self.map_mut("EXEC_RULES")?).map_err(map_err("EXEC_RULES"))?;
+            for (k, v) in exec {
+                er.insert(k, v, 0).map_err(map_err("EXEC_RULES"))?;
+            }
+        }
+        let mut ir: HashMap<&mut MapData, pep_common::file::InodeKey, FileRuleValue> =
+            HashMap::try_from(self.map_mut("INODE_RULES")?).map_err(map_err("INODE_RULES"))?;
+        for (k, v) in inodes {
+            ir.insert(k, v, 0).map_err(map_err("INODE_RULES"))?;
+        }
+        Ok(())
+    }
+}

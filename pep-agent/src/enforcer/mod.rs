@@ -2,9 +2,11 @@
 //! running kernel's offsets, attach the hooks, write sandboxes and compiled
 //! rules into the maps.
 
-mod attach;
+pub(crate) mod attach;
 mod loader;
 mod maps;
+/// Pinned in bpffs, for the host daemon: enforcement outlives the process.
+pub mod pinned;
 
 pub use loader::{Enforcer, EnforcerError, LoadOptions, probe_lsm};
 pub use maps::SandboxSpec;

@@ -100,7 +100,60 @@ pub fn program_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u64)>, BtfE
         ("TASK_TGID", btf.offset_of("task_struct", "tgid")?),
         ("FILE_F_PATH", btf.offset_of("file", "f_path")?),
         ("FILE_F_MODE", btf.offset_of("file", "f_mode")?),
+        ("TASK_GROUP_LEADER", btf.offset_of("task_struct", "group_leader")?),
+        (
+            "TASK_START_BOOTTIME",
+            btf.offset_of("task_struct", "start_boottime")?,
+        ),
+        ("TASK_COMM", btf.offset_of("task_struct", "comm")?),
+        // File, exec and self-protection hooks (pep-ebpf vfs.rs, exec.rs,
+        // protect.rs): the dentry walk, inode identity, fs magic, argv.
+        ("PATH_MNT", btf.offset_of("path", "mnt")?),
+        ("PATH_DENTRY", btf.offset_of("path", "dentry")?),
+        ("DENTRY_D_PARENT", btf.offset_of("dentry", "d_parent")?),
+        ("DENTRY_D_NAME", btf.offset_of("dentry", "d_name")?),
+        ("DENTRY_D_INODE", btf.offset_of("dentry", "d_inode")?),
+        ("DENTRY_D_SB", btf.offset_of("dentry", "d_sb")?),
+        ("QSTR_LEN", btf.offset_of("qstr", "len")?),
+        ("QSTR_NAME", btf.offset_of("qstr", "name")?),
+        ("VFSMOUNT_MNT_ROOT", btf.offset_of("vfsmount", "mnt_root")?),
+        ("MOUNT_MNT", btf.offset_of("mount", "mnt")?),
+        ("MOUNT_MNT_PARENT", btf.offset_of("mount", "mnt_parent")?),
+        ("MOUNT_MNT_MOUNTPOINT", btf.offset_of("mount", "mnt_mountpoint")?),
+        ("TASK_FS", btf.offset_of("task_struct", "fs")?),
+        ("FS_ROOT", btf.offset_of("fs_struct", "root")?),
+        ("FILE_F_INODE", btf.offset_of("file", "f_inode")?),
+        ("INODE_I_INO", btf.offset_of("inode", "i_ino")?),
+        ("INODE_I_SB", btf.offset_of("inode", "i_sb")?),
+        ("SB_S_DEV", btf.offset_of("super_block", "s_dev")?),
+        ("SB_S_MAGIC", btf.offset_of("super_block", "s_magic")?),
+        ("BPRM_FILE", btf.offset_of("linux_binprm", "file")?),
+        ("VMA_VM_FILE", btf.offset_of("vm_area_struct", "vm_file")?),
+        ("PT_REGS_ORIG_AX", btf.offset_of("pt_regs", "orig_ax")?),
+        ("PT_REGS_SI", btf.offset_of("pt_regs", "si")?),
+        ("PT_REGS_DX", btf.offset_of("pt_regs", "dx")?),
+        // The `bpf` LSM hook gained a parameter in 6.9; the program reads the
+        // previous program's return value after the last one.
+        (
+            "BPF_HOOK_NARGS",
+            btf.func_params("bpf_lsm_bpf").unwrap_or(3) as u64,
+        ),
     ])
+}
+
+impl KernelBtf {
+    /// Number of parameters of the kernel function `name`.
+    pub fn func_params(&self, name: &str) -> Result<usize, BtfError> {
+        let types = self.btf.resolve_types_by_name(name)?;
+        for t in &types {
+            if let Type::Func(f) = t
+                && let Type::FuncProto(p) = self.btf.resolve_chained_type(f)?
+            {
+                return Ok(p.parameters.len());
+            }
+        }
+        Err(BtfError::NoStruct(format!("function {name}")))
+    }
 }
 
 #[cfg(test)]

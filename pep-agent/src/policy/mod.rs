@@ -42,7 +42,7 @@ pub use files::{Access, FileRule, FileTarget, FilesSection};
 pub use net::{NetDefault, NetRule, NetTarget, NetworkSection, PortRange, Protocol, parse_cidr};
 pub use path::{FileName, PathPattern};
 pub use pdp::{
-    DEFAULT_CACHE_TTL_S, DEFAULT_OPA_TIMEOUT_MS, DEFAULT_REGO_QUERY, Engine, OnUnavailable, OpaConfig,
+    DEFAULT_CACHE_TTL_S, DEFAULT_OPA_TIMEOUT_MS, DEFAULT_REGO_QUERY, DEFAULT_STALE_WINDOW_S, Engine, OnUnavailable, OpaConfig,
     PdpConfig, RegoConfig,
 };
 pub use rule::Verdict;

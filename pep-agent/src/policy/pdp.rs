@@ -13,6 +13,9 @@ pub const DEFAULT_REGO_QUERY: &str = "data.pep.decision";
 pub const DEFAULT_OPA_TIMEOUT_MS: u64 = 200;
 /// `cache_ttl_s` when omitted.
 pub const DEFAULT_CACHE_TTL_S: u64 = 60;
+/// `stale_window_s` when omitted: how long past its expiry a cached verdict
+/// may still be served by `on_unavailable: stale`.
+pub const DEFAULT_STALE_WINDOW_S: u64 = 300;
 
 /// `pdp:`. Omitted, it is the builtin engine with the defaults below.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +28,13 @@ pub struct PdpConfig {
     /// How long a PDP answer is cached when the answer gives no `ttl_s`.
     pub cache_ttl_s: u64,
     pub on_unavailable: OnUnavailable,
+    /// With `on_unavailable: stale`: how long past its expiry a cached
+    /// verdict may still be served while the PDP cannot answer.
+    pub stale_window_s: u64,
+    /// `rules:`: a query (`data.<package>.<rule>`) whose value, given the
+    /// sandbox as input, holds policy sections (`network`, `files`, `exec`)
+    /// that replace the file's own (see `crate::pdp::rules`).
+    pub rules: Option<String>,
 }
 
 impl Default for PdpConfig {
@@ -35,6 +45,8 @@ impl Default for PdpConfig {
             opa: None,
             cache_ttl_s: DEFAULT_CACHE_TTL_S,
             on_unavailable: OnUnavailable::Deny,
+            stale_window_s: DEFAULT_STALE_WINDOW_S,
+            rules: None,
         }
     }
 }
@@ -91,6 +103,10 @@ struct RawPdp {
     cache_ttl_s: Option<u64>,
     #[serde(default)]
     on_unavailable: Option<OnUnavailable>,
+    #[serde(default)]
+    stale_window_s: Option<u64>,
+    #[serde(default)]
+    rules: Option<RegoQuery>,
 }
 
 impl<'de> Deserialize<'de> for PdpConfig {
@@ -112,6 +128,8 @@ impl<'de> Deserialize<'de> for PdpConfig {
                 opa: raw.opa,
                 cache_ttl_s: raw.cache_ttl_s.unwrap_or(DEFAULT_CACHE_TTL_S),
                 on_unavailable: raw.on_unavailable.unwrap_or(OnUnavailable::Deny),
+                stale_window_s: raw.stale_window_s.unwrap_or(DEFAULT_STALE_WINDOW_S),
+                rules: raw.rules.map(|q| q.0),
             })
         })
     }

@@ -13,15 +13,14 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{MapData, RingBuf};
 use pep_common::sandbox::SandboxConfig;
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tokio::signal::unix::SignalKind;
 
 use super::child::ChildSetup;
 use crate::{
     audit::{
-        decode::Decision,
-        record::{Chain, SandboxContext},
+        pipeline::{self, AuditOptions, KernelCounters, Pipeline},
+        record::SandboxContext,
         sink::Sink,
     },
     compiler,
@@ -42,6 +41,8 @@ pub struct RunOptions {
     pub user: Option<String>,
     pub allow_degraded: bool,
     pub cmd: Vec<String>,
+    /// Rotation, live socket, coalescing.
+    pub audit_opts: AuditOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +87,17 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
             .unwrap_or_else(|| "/root".into()),
     };
     let ctx = policy::LoadContext::new(home);
-    let policy = policy::load_file(&opts.policy, &ctx).map_err(|e| RunError::BadInput(e.to_string()))?;
+    let mut policy = policy::load_file(&opts.policy, &ctx).map_err(|e| RunError::BadInput(e.to_string()))?;
+    // The PDP part (issue 9): Rego must parse; a rules query's sections
+    // replace the file's before anything is compiled.
+    crate::pdp::check_policy(&mut policy, &ctx.home)
+        .map_err(|e| RunError::BadInput(format!("{}: {e}", opts.policy.display())))?;
+    let asks = crate::pdp::standalone::asks(&policy);
+    let pdp_engine = if asks {
+        Some(crate::pdp::build_engine(&policy).map_err(RunError::BadInput)?)
+    } else {
+        None
+    };
     let mode = opts.mode.unwrap_or(policy.mode);
     let name = opts
         .name
@@ -111,8 +122,15 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
 
     let needs_lsm = needs_lsm(&policy);
     let mut degraded = None;
-    let mut enforcer = match Enforcer::load(LoadOptions { lsm: needs_lsm }) {
+    // The LSM programs also carry self-protection (no bpf(), no cgroup
+    // writes, no signals to pep-agent...), which is on for every sandbox
+    // whatever its policy, so they are loaded whenever the kernel allows.
+    let mut enforcer = match Enforcer::load(LoadOptions { lsm: true }) {
         Ok(e) => e,
+        Err(EnforcerError::LsmUnavailable { reason }) if !needs_lsm => {
+            tracing::warn!("BPF LSM is unavailable ({reason}): self-protection is not enforced");
+            Enforcer::load(LoadOptions { lsm: false }).map_err(|e| RunError::Unsupported(e.to_string()))?
+        }
         Err(EnforcerError::LsmUnavailable { reason }) if opts.allow_degraded => {
             let msg = format!("files and exec rules are NOT enforced: {reason}");
             tracing::warn!("--allow-degraded: {msg}");
@@ -148,15 +166,37 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
             flags: 0,
         },
     };
+    let exec = compiler::exec::compile_exec(&policy.exec, STANDALONE_SANDBOX_ID);
+    // Inode identity of denied files and binaries (hard links), stat'ed now.
+    let mut inodes = compiler::files::inode_denies(&policy.files, &files, STANDALONE_SANDBOX_ID);
+    inodes.extend(compiler::exec::inode_denies(
+        &policy.exec,
+        &exec,
+        STANDALONE_SANDBOX_ID,
+    ));
+    enforcer
+        .install_exec_and_inode_rules(&exec, &inodes)
+        .map_err(|e| RunError::Other(e.into()))?;
+    if asks {
+        crate::pdp::standalone::prepare(&mut enforcer, STANDALONE_SANDBOX_ID)
+            .map_err(|e| RunError::Unsupported(format!("cannot load the PDP programs: {e}")))?;
+    }
     enforcer
         .install_sandbox(&spec, &net, &files)
         .map_err(|e| RunError::Other(e.into()))?;
+    if asks {
+        // Before the connect hooks: a connect they hold must be held.
+        enforcer
+            .attach_ask(cg.path())
+            .map_err(|e| RunError::Other(e.into()))?;
+    }
     enforcer
         .attach_net(cg.path())
         .map_err(|e| RunError::Other(e.into()))?;
 
     let sink = match &opts.audit {
-        Some(t) => Sink::open(t).map_err(|e| RunError::BadInput(format!("--audit {t}: {e}")))?,
+        Some(t) => Sink::open_rotating(t, opts.audit_opts.rotation)
+            .map_err(|e| RunError::BadInput(format!("--audit {t}: {e}")))?,
         None => Sink::null(),
     };
     let sctx = SandboxContext {
@@ -165,8 +205,24 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         degraded,
     };
     let events = enforcer.take_events().map_err(|e| RunError::Other(e.into()))?;
+    let counters = Arc::new(KernelCounters::of(&enforcer)?);
+    let mut pipeline =
+        Pipeline::new(sink, sctx, &opts.audit_opts).map_err(|e| RunError::BadInput(format!("{e:#}")))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let pump = tokio::spawn(pump_events(events, sink, sctx, stop.clone()));
+    let _ask_task = match pdp_engine {
+        Some(engine) => Some(
+            crate::pdp::standalone::start(&mut enforcer, engine, &policy, &name, &mut pipeline, stop.clone())
+                .map_err(|e| RunError::Other(e.into()))?,
+        ),
+        None => None,
+    };
+    let pump = tokio::spawn(pipeline::pump(
+        events,
+        Some(counters.clone()),
+        pipeline,
+        stop.clone(),
+    ));
+    let pump = Pump { task: pump, counters };
 
     let setup = ChildSetup::new(cg.path(), user.as_ref()).map_err(|e| RunError::Other(e.into()))?;
     let mut command = std::process::Command::new(&program);
@@ -254,21 +310,36 @@ fn kill_cgroup(path: &Path) {
     let _ = std::fs::write(path.join("cgroup.kill"), "1");
 }
 
+/// The audit task of a run and the counters it accounts against.
+struct Pump {
+    task: tokio::task::JoinHandle<anyhow::Result<Pipeline>>,
+    counters: Arc<KernelCounters>,
+}
+
+/// Waits (up to 2 s) until no process is left in the cgroup, so no program
+/// is still running for it when the audit stream is drained and counted.
+async fn wait_empty(path: &Path) {
+    for _ in 0..200 {
+        match std::fs::read_to_string(path.join("cgroup.events")) {
+            Ok(ev) if ev.lines().any(|l| l == "populated 0") => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => return,
+        }
+    }
+}
+
 /// Stops the rest of the sandbox, drains the audit stream, detaches and
 /// removes everything.
-async fn teardown(
-    enforcer: &mut Enforcer,
-    cg: &mut cgroup::Cgroup,
-    stop: &AtomicBool,
-    pump: tokio::task::JoinHandle<anyhow::Result<PumpState>>,
-) {
+async fn teardown(enforcer: &mut Enforcer, cg: &mut cgroup::Cgroup, stop: &AtomicBool, pump: Pump) {
     // Descendants that outlived the command are part of the sandbox's run.
     kill_cgroup(cg.path());
+    wait_empty(cg.path()).await;
     stop.store(true, Ordering::SeqCst);
-    match pump.await {
-        Ok(Ok(state)) => {
-            let (_, lost) = enforcer.counters().unwrap_or((0, 0));
-            state.finish(lost);
+    match pump.task.await {
+        Ok(Ok(pipeline)) => {
+            if let Err(e) = pipeline.finish(Some(&pump.counters)).await {
+                eprintln!("pep-agent: audit stream: {e:#}");
+            }
         }
         Ok(Err(e)) => eprintln!("pep-agent: audit stream: {e:#}"),
         Err(e) => eprintln!("pep-agent: audit task: {e}"),
@@ -276,82 +347,11 @@ async fn teardown(
     if let Err(e) = enforcer.detach_net(cg.path()) {
         tracing::debug!("detach: {e}");
     }
+    // Attached only when the policy asks; otherwise this fails harmlessly.
+    let _ = enforcer.detach_ask(cg.path());
     if let Err(e) = cg.destroy() {
         eprintln!("pep-agent: cleanup: {e}");
     }
-}
-
-/// The audit side of a run, handed back when the pump stops.
-struct PumpState {
-    sink: Sink,
-    chain: Chain,
-    sctx: SandboxContext,
-    lost_reported: u64,
-}
-
-impl PumpState {
-    fn finish(mut self, lost_now: u64) {
-        if lost_now > self.lost_reported {
-            let (_, line) = self.chain.lost(lost_now - self.lost_reported, &self.sctx);
-            let _ = self.sink.write_line(&line);
-        }
-        let _ = self.sink.flush();
-    }
-}
-
-/// Reads the ring buffer until told to stop, then drains what is left.
-async fn pump_events(
-    events: RingBuf<MapData>,
-    sink: Sink,
-    sctx: SandboxContext,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<PumpState> {
-    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds
-    // it, and it is never swapped for another resource (`get_mut` is used
-    // only to read from it).
-    let mut fd = unsafe { AsyncFd::register(events) }?;
-    let mut state = PumpState {
-        sink,
-        chain: Chain::default(),
-        sctx,
-        lost_reported: 0,
-    };
-    loop {
-        let stopping = stop.load(Ordering::SeqCst);
-        // Wake at least every 50 ms to notice `stop`.
-        if let Ok(guard) = tokio::time::timeout(Duration::from_millis(50), fd.readable_mut()).await {
-            let mut guard = guard?;
-            drain(guard.get_inner_mut(), &mut state)?;
-            guard.clear_ready();
-        }
-        if stopping {
-            drain(fd.get_mut(), &mut state)?;
-            return Ok(state);
-        }
-    }
-}
-
-fn drain(rb: &mut RingBuf<MapData>, state: &mut PumpState) -> anyhow::Result<()> {
-    let mut n = 0usize;
-    while let Some(item) = rb.next() {
-        match Decision::try_from(&*item) {
-            Ok(d) => {
-                let (_, line) = state.chain.record(&d, &state.sctx);
-                state.sink.write_line(&line)?;
-            }
-            Err(e) => {
-                // A malformed kernel event is reported, never silently dropped.
-                let (_, line) = state.chain.lost(1, &state.sctx);
-                state.sink.write_line(&line)?;
-                tracing::error!("undecodable kernel event: {e}");
-            }
-        }
-        n += 1;
-    }
-    if n > 0 {
-        state.sink.flush()?;
-    }
-    Ok(())
 }
 
 /// Removes sandbox cgroups left by standalone runs whose pep-agent died

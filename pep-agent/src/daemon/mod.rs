@@ -1,0 +1,294 @@
+//! `pep-agent daemon`: the privileged host daemon.
+//!
+//! It loads the programs with everything pinned in bpffs (`enforcer::pinned`),
+//! so sandboxes stay enforced through its own death and a restarted daemon
+//! adopts them; serves the control socket (`control`, `protocol`); writes the
+//! audit stream (`audit`); reloads without a gap (`reload`); and speaks to
+//! the operator through systemd (`notify`) and Prometheus (`metrics`).
+//! Every task hears one shutdown signal (a watch channel).
+
+pub mod audit;
+pub mod authz;
+pub mod config;
+pub mod control;
+pub mod metrics;
+pub mod notify;
+pub mod pin;
+pub mod protocol;
+pub mod reload;
+pub mod sandboxes;
+pub mod state;
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Mutex, mpsc, watch},
+};
+
+use self::{
+    config::{Config, LsmMode},
+    metrics::Metrics,
+    sandboxes::Core,
+    state::State,
+};
+use crate::{
+    audit::{
+        pipeline::{AuditOptions, KernelCounters, Pipeline},
+        record::SandboxContext,
+        sink::{Rotation, Sink},
+    },
+    enforcer::{Enforcer, EnforcerError, LoadOptions, attach::Op, pinned},
+};
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    })
+}
+
+fn load_enforcer(cfg: &Config) -> anyhow::Result<(Enforcer, pinned::Origin)> {
+    let try_lsm = cfg.lsm != LsmMode::Off;
+    match Enforcer::load_pinned(&cfg.pin_dir, LoadOptions { lsm: try_lsm }) {
+        Ok(r) => Ok(r),
+        Err(pinned::PinnedError::Enforcer(EnforcerError::LsmUnavailable { reason })) if cfg.lsm == LsmMode::Auto => {
+            tracing::warn!("BPF LSM unavailable ({reason}): files/exec rules and self-protection are off");
+            Ok(Enforcer::load_pinned(&cfg.pin_dir, LoadOptions { lsm: false })?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Is a daemon answering on `socket`?
+fn answering(socket: &Path) -> bool {
+    crate::client::Client::connect(socket, Duration::from_secs(2))
+        .and_then(|mut c| c.request(&protocol::Request::Ping))
+        .is_ok_and(|r| r.ok)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = load_config(config_path.as_deref())?;
+    let metrics = Metrics::new();
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // Health first, so /healthz answers and /readyz says "not ready" while
+    // the programs load.
+    if let Some(addr) = &cfg.metrics.listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics.listen {addr}: {e}"))?;
+        tracing::info!("metrics on http://{}", l.local_addr()?);
+        tasks.push(tokio::spawn(metrics::serve(l, metrics.clone(), shutdown.clone())));
+    }
+    if answering(&cfg.socket) {
+        anyhow::bail!("a daemon is already answering on {}", cfg.socket.display());
+    }
+    if cfg.startup_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(cfg.startup_delay_ms)).await;
+    }
+
+    pin::ensure_bpffs(&cfg.pin_dir)?;
+    std::fs::create_dir_all(&cfg.state_dir)?;
+    let (mut enforcer, origin) = load_enforcer(&cfg)?;
+    tracing::info!("programs {origin:?} at {}", cfg.pin_dir.display());
+    if enforcer.lsm_enforced()
+        && let Err(e) = enforcer.protect_pid(std::process::id())
+    {
+        tracing::warn!("self-protection of the daemon: {e}");
+    }
+    let state = State::load(&cfg.state_dir)?;
+
+    // The audit stream continues the log's chain and the kernel's counts.
+    if cfg.audit.path != "-"
+        && let Some(dir) = Path::new(&cfg.audit.path).parent()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    let sink = Sink::open_rotating(
+        &cfg.audit.path,
+        Rotation {
+            max_bytes: cfg.audit.max_bytes,
+            max_files: cfg.audit.max_files,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("audit.path {}: {e}", cfg.audit.path))?;
+    let contexts: audit::Contexts = Arc::new(RwLock::new(HashMap::new()));
+    let lookup = contexts.clone();
+    let audit_opts = AuditOptions {
+        coalesce: Duration::from_millis(cfg.audit.coalesce_ms),
+        socket: cfg.audit.socket.clone(),
+        tailer_queue: 0,
+        rotation: Rotation::default(),
+    };
+    let mut pipeline = Pipeline::new(
+        sink,
+        SandboxContext {
+            name: "pep-agent".into(),
+            policy_revision: String::new(),
+            degraded: None,
+        },
+        &audit_opts,
+    )?
+    .with_contexts(Arc::new(move |id| {
+        lookup.read().unwrap_or_else(|e| e.into_inner()).get(&id).cloned()
+    }));
+    pipeline.set_kernel_lost_seen(state::load_lost_reported(&cfg.state_dir));
+    let events = enforcer.take_events()?;
+    let counters = KernelCounters::of(&enforcer)?;
+    let (audit_tx, audit_rx) = mpsc::unbounded_channel();
+
+    let mut core = Core::new(
+        cfg.clone(),
+        config_path.clone(),
+        enforcer,
+        state,
+        origin,
+        contexts,
+        metrics.clone(),
+        audit_tx,
+    )?;
+    core.adopt()?;
+    let core = Arc::new(Mutex::new(core));
+    metrics.watch_counters(&cfg.pin_dir);
+    let audit_task = tokio::spawn(
+        audit::AuditTask {
+            events,
+            counters,
+            pipeline,
+            records: audit_rx,
+            shutdown: shutdown.clone(),
+            metrics: metrics.clone(),
+            state_dir: cfg.state_dir.clone(),
+        }
+        .run(),
+    );
+
+    // The control socket: any user may connect; each request is judged by
+    // the caller's credentials.
+    if let Some(dir) = cfg.socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    let listener = tokio::net::UnixListener::bind(&cfg.socket)
+        .map_err(|e| anyhow::anyhow!("socket {}: {e}", cfg.socket.display()))?;
+    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(cfg.socket_mode))?;
+    let server = Arc::new(control::Server {
+        core: core.clone(),
+        timeout: Duration::from_millis(cfg.client_timeout_ms),
+        max_request: cfg.max_request_bytes,
+    });
+    tasks.push(tokio::spawn(server.serve(listener, shutdown.clone())));
+
+    metrics.ready.store(true, Ordering::SeqCst);
+    notify::notify("READY=1");
+    tracing::info!("ready: control socket {}", cfg.socket.display());
+
+    if let Some(every) = notify::watchdog_interval() {
+        let mut stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = t.tick() => notify::notify("WATCHDOG=1"),
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
+    }
+    {
+        let core = core.clone();
+        let mut stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = t.tick() => {
+                        let mut c = core.lock().await;
+                        tokio::task::block_in_place(|| c.reap());
+                    }
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
+    }
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                notify::reloading();
+                let root = authz::Peer { uid: 0, gid: 0, pid: std::process::id() };
+                let mut c = core.lock().await;
+                let resp = tokio::task::block_in_place(|| c.handle(protocol::Request::Reload { name: None }, &root));
+                drop(c);
+                if resp.ok {
+                    tracing::info!("SIGHUP: reloaded");
+                } else {
+                    tracing::error!("SIGHUP: reload refused, the running policies stay: {}", resp.error.unwrap_or_default());
+                }
+                notify::notify("READY=1");
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    // Stopping the daemon stops nothing in the kernel: the sandboxes stay
+    // enforced; the next daemon adopts them.
+    notify::notify("STOPPING=1");
+    metrics.ready.store(false, Ordering::SeqCst);
+    let _ = shutdown_tx.send(true);
+    match tokio::time::timeout(Duration::from_secs(10), audit_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!("audit stream: {e:#}"),
+        Ok(Err(e)) => tracing::error!("audit task: {e}"),
+        Err(_) => tracing::error!("audit stream did not finish in 10 s"),
+    }
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}
+
+/// `pep-agent daemon --uninstall`: removes every sandbox (cgroups the
+/// daemon created are killed and removed; adopted ones are released) and
+/// all pinned state. Refuses while a daemon answers on the socket.
+pub fn uninstall(config_path: Option<&Path>) -> anyhow::Result<()> {
+    let cfg = load_config(config_path)?;
+    if answering(&cfg.socket) {
+        anyhow::bail!("a daemon is answering on {}: stop it first", cfg.socket.display());
+    }
+    let state = State::load(&cfg.state_dir)?;
+    let root = crate::kernel::cgroup::cgroup2_root()?;
+    for rec in &state.sandboxes {
+        if rec.created {
+            if let Ok(mut cg) = crate::kernel::cgroup::Cgroup::open(&root, &rec.cgroup)
+                && let Err(e) = cg.destroy()
+            {
+                eprintln!("pep-agent: sandbox {}: {e}", rec.name);
+            }
+        } else if rec.cgroup.exists()
+            && let Err(e) = Enforcer::cgroup_op_pinned(&cfg.pin_dir, &rec.cgroup, Op::Detach)
+        {
+            eprintln!("pep-agent: sandbox {}: {e}", rec.name);
+        }
+    }
+    pinned::remove_pins(&cfg.pin_dir).map_err(|e| anyhow::anyhow!("{}: {e}", cfg.pin_dir.display()))?;
+    for f in ["state.json", "audit-lost-reported"] {
+        let _ = std::fs::remove_file(cfg.state_dir.join(f));
+    }
+    let parent = root.join(&cfg.cgroup_parent);
+    let _ = std::fs::remove_dir(parent);
+    Ok(())
+}

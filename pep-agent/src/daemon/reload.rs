@@ -1,0 +1,108 @@
+//! A policy compiled for one generation (sandbox id), and its installation.
+//!
+//! Reload without a gap: the new rules are written under a new sandbox id
+//! while the kernel still reads the old ones; then the sandbox's
+//! `SANDBOXES` entry is replaced in one map update (atomic for every hook:
+//! each sees either the old config with the old rules or the new config
+//! with the new rules); then the old id's rules are deleted. An action
+//! denied by both policies is denied at every instant.
+
+use std::path::Path;
+
+use pep_common::{
+    file::{ExecRuleValue, FileRuleKey, FileRuleValue, InodeKey},
+    sandbox::SandboxConfig,
+};
+
+use super::{config::Config, state::PolicySource};
+use crate::{
+    compiler::{self, net::CompiledNet},
+    enforcer::{Enforcer, EnforcerError, SandboxSpec},
+    policy::{self, Mode, Policy},
+};
+
+pub struct Compiled {
+    pub revision: String,
+    pub config: SandboxConfig,
+    pub net: CompiledNet,
+    pub files: Vec<(FileRuleKey, FileRuleValue)>,
+    pub exec: Vec<(FileRuleKey, ExecRuleValue)>,
+    pub inodes: Vec<(InodeKey, FileRuleValue)>,
+}
+
+fn needs_lsm(p: &Policy) -> bool {
+    !p.files.rules.is_empty()
+        || !p.exec.rules.is_empty()
+        || p.files.default == policy::Verdict::Deny
+        || p.exec.default == policy::Verdict::Deny
+}
+
+/// Reads, validates and compiles the policy of `source` for sandbox id `id`.
+pub fn compile(
+    cfg: &Config,
+    source: &PolicySource,
+    home: &Path,
+    mode: Option<Mode>,
+    id: u32,
+    lsm: bool,
+) -> Result<Compiled, String> {
+    let path = match source {
+        PolicySource::Named(n) => cfg
+            .policies
+            .get(n)
+            .ok_or_else(|| format!("no policy named {n} in the config"))?
+            .clone(),
+        PolicySource::File(p) => p.clone(),
+    };
+    let ctx = policy::LoadContext::new(home.to_path_buf());
+    let mut policy = policy::load_file(&path, &ctx).map_err(|e| e.to_string())?;
+    crate::pdp::check_policy(&mut policy, &ctx.home).map_err(|e| format!("{}: {e}", path.display()))?;
+    if crate::pdp::standalone::asks(&policy) {
+        return Err(format!(
+            "{}: policies that ask a PDP are not served by the daemon yet; use `pep-agent run` as root",
+            path.display()
+        ));
+    }
+    if needs_lsm(&policy) && !lsm {
+        return Err(format!(
+            "{}: files/exec rules need BPF LSM, which this daemon has not loaded ({})",
+            path.display(),
+            crate::kernel::features::ENABLE_BPF_LSM
+        ));
+    }
+    let net = compiler::net::compile_network(&policy.network, id).map_err(|e| format!("{}: {e}", path.display()))?;
+    let files = compiler::files::compile_files(&policy.files, id);
+    let exec = compiler::exec::compile_exec(&policy.exec, id);
+    let mut inodes = compiler::files::inode_denies(&policy.files, &files, id);
+    inodes.extend(compiler::exec::inode_denies(&policy.exec, &exec, id));
+    let mode = mode.unwrap_or(policy.mode);
+    Ok(Compiled {
+        revision: policy.revision().to_string(),
+        config: SandboxConfig {
+            sandbox_id: id,
+            mode: mode.to_kernel(),
+            net_default: net.default_verdict,
+            file_default: policy.files.default.to_kernel(),
+            exec_default: policy.exec.default.to_kernel(),
+            flags: 0,
+        },
+        net,
+        files,
+        exec,
+        inodes,
+    })
+}
+
+/// Writes the rules of `c`, then (last, one update) the sandbox entry.
+pub fn install(e: &mut Enforcer, cgroup_id: u64, level: u32, c: &Compiled) -> Result<(), EnforcerError> {
+    e.install_exec_and_inode_rules(&c.exec, &c.inodes)?;
+    e.install_sandbox(
+        &SandboxSpec {
+            cgroup_id,
+            cgroup_level: level,
+            config: c.config,
+        },
+        &c.net,
+        &c.files,
+    )
+}

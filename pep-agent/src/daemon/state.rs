@@ -1,0 +1,140 @@
+//! What a restarted daemon needs to adopt its sandboxes: names, cgroups,
+//! owners, policy sources and the sandbox ids (generations) in the kernel
+//! maps. One JSON file, replaced atomically (write, fsync, rename).
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Mode;
+
+/// Where a sandbox's policy comes from, so a reload can read it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicySource {
+    /// A policy named in the config's `policies`.
+    Named(String),
+    /// A file given by root.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for PolicySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicySource::Named(n) => write!(f, "{n}"),
+            PolicySource::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub name: String,
+    /// The cgroup directory.
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    pub level: u32,
+    /// The daemon made the cgroup (and removes it, with its processes, at
+    /// delete); false for an adopted cgroup, which is only released.
+    pub created: bool,
+    pub owner_uid: u32,
+    pub policy: PolicySource,
+    /// `mode` override given at create.
+    pub mode: Option<Mode>,
+    /// The current generation: the sandbox id its rules and events carry.
+    pub sandbox_id: u32,
+    pub revision: String,
+    /// Deleted by the daemon once its cgroup is empty (`run` through the
+    /// daemon).
+    #[serde(default)]
+    pub ephemeral: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    /// The next sandbox id to hand out; ids are never reused within a boot,
+    /// so a late event of a retired generation is never misattributed.
+    pub next_id: u32,
+    pub sandboxes: Vec<SandboxRecord>,
+    /// Retired generations (id, sandbox name), newest last, for events that
+    /// were still in the ring buffer when their generation was replaced.
+    #[serde(default)]
+    pub retired: Vec<(u32, String)>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            next_id: 1,
+            sandboxes: Vec::new(),
+            retired: Vec::new(),
+        }
+    }
+}
+
+/// How many retired generations are remembered.
+const MAX_RETIRED: usize = 1024;
+
+impl State {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("state.json")
+    }
+
+    /// The saved state, or a fresh one when there is none.
+    pub fn load(state_dir: &Path) -> anyhow::Result<Self> {
+        let p = Self::path(state_dir);
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(anyhow::anyhow!("{}: {e}", p.display())),
+        }
+    }
+
+    pub fn save(&self, state_dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(state_dir)?;
+        let p = Self::path(state_dir);
+        let tmp = p.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &p)?;
+        Ok(())
+    }
+
+    pub fn alloc_id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+
+    pub fn retire(&mut self, id: u32, name: &str) {
+        self.retired.push((id, name.to_string()));
+        if self.retired.len() > MAX_RETIRED {
+            let cut = self.retired.len() - MAX_RETIRED;
+            self.retired.drain(..cut);
+        }
+    }
+
+    pub fn find(&self, name: &str) -> Option<&SandboxRecord> {
+        self.sandboxes.iter().find(|s| s.name == name)
+    }
+}
+
+/// The kernel's lost-event count already reported in the audit log, kept
+/// beside the state so a restarted daemon reports only what is new.
+pub fn load_lost_reported(state_dir: &Path) -> u64 {
+    std::fs::read_to_string(state_dir.join("audit-lost-reported"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn save_lost_reported(state_dir: &Path, n: u64) -> std::io::Result<()> {
+    let p = state_dir.join("audit-lost-reported");
+    let tmp = state_dir.join("audit-lost-reported.tmp");
+    std::fs::write(&tmp, n.to_string())?;
+    std::fs::rename(tmp, p)
+}

@@ -1,0 +1,368 @@
+//! The object loaded with every map, program and LSM link pinned in a bpffs
+//! directory, so that enforcement outlives the process that loaded it (the
+//! host daemon): a daemon killed with SIGKILL leaves every sandbox enforced,
+//! and a restarted daemon adopts what is pinned instead of loading anew.
+//!
+//! Layout under the pin directory:
+//! - `maps/<NAME>`: every map of the object (not the `.rodata`-style data
+//!   maps, which the programs hold);
+//! - `progs/<NAME>`: the loaded programs; the cgroup hooks are attached and
+//!   detached through these, so a restarted daemon never attaches a second
+//!   copy and can still detach what an earlier one attached;
+//! - `links/<NAME>`: the LSM links, which keep the LSM programs attached.
+
+use std::{
+    collections::HashSet,
+    ffi::CString,
+    fs,
+    io,
+    os::{
+        fd::{AsFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{
+        Array, HashMap, MapData,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{CgroupSockAddr, Lsm, links::FdLink},
+};
+use pep_common::{
+    file::{ExecRuleValue, FileRuleKey, FileRuleValue, InodeKey},
+    net::{NetKeyV4, NetKeyV6, NetRuleSet},
+    sandbox::SandboxConfig,
+};
+
+use super::{
+    Enforcer, EnforcerError, LoadOptions, attach,
+    loader::{LSM_PROGRAMS, NET_PROGRAMS},
+};
+use crate::kernel::btf::{self, KernelBtf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinnedError {
+    #[error(transparent)]
+    Enforcer(#[from] EnforcerError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("parsing the embedded eBPF object: {0}")]
+    Parse(String),
+    #[error("pinning {what}: {source}")]
+    Pin {
+        what: String,
+        source: aya::pin::PinError,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PinnedError + '_ {
+    move |source| PinnedError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How `load_pinned` came by its programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Loaded now and pinned.
+    Fresh,
+    /// Found pinned by an earlier daemon and adopted as they are.
+    Adopted,
+}
+
+/// The maps of the object by name, without the data maps (`.rodata`, `.bss`).
+fn map_names() -> Result<Vec<String>, PinnedError> {
+    let obj = aya_obj::Object::parse(crate::ebpf::OBJECT).map_err(|e| PinnedError::Parse(e.to_string()))?;
+    let mut names: Vec<String> = obj.maps.keys().filter(|n| !n.starts_with('.')).cloned().collect();
+    names.sort();
+    Ok(names)
+}
+
+fn pinned(dir: &Path, kind: &str, name: &str) -> PathBuf {
+    dir.join(kind).join(name)
+}
+
+/// Whether the network programs, and the LSM links when `lsm`, are pinned.
+fn programs_pinned(dir: &Path, lsm: bool) -> bool {
+    NET_PROGRAMS.iter().all(|n| pinned(dir, "progs", n).exists())
+        && (!lsm || LSM_PROGRAMS.iter().all(|(n, _)| pinned(dir, "links", n).exists()))
+}
+
+fn lsm_pinned(dir: &Path) -> bool {
+    LSM_PROGRAMS.iter().all(|(n, _)| pinned(dir, "links", n).exists())
+}
+
+impl Enforcer {
+    /// Loads the object with its maps pinned under `dir` (reusing maps that
+    /// are pinned there already). When the programs are pinned there too,
+    /// they are adopted as they are: nothing is loaded or attached again, so
+    /// there is no moment without enforcement. Otherwise the network
+    /// programs are loaded and pinned, and with `opts.lsm` the LSM programs
+    /// are loaded, attached and their links pinned.
+    pub fn load_pinned(dir: &Path, opts: LoadOptions) -> Result<(Self, Origin), PinnedError> {
+        for sub in ["maps", "progs", "links"] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        let names = map_names()?;
+        let paths: Vec<PathBuf> = names.iter().map(|n| pinned(dir, "maps", n)).collect();
+        let kbtf = KernelBtf::load().map_err(EnforcerError::from)?;
+        let offsets = btf::program_offsets(&kbtf).map_err(EnforcerError::from)?;
+        let mut loader = EbpfLoader::new();
+        for (name, value) in &offsets {
+            loader.override_global(name, value, true);
+        }
+        for (name, path) in names.iter().zip(&paths) {
+            loader.map_pin_path(name.as_str(), path.as_path());
+        }
+        let ebpf = loader.load(crate::ebpf::OBJECT).map_err(EnforcerError::from)?;
+        let mut this = Self::from_parts(ebpf, false);
+        let mut lsm = false;
+
+        let origin = if programs_pinned(dir, false) {
+            Origin::Adopted
+        } else {
+            // Stale pins of a half-finished earlier load would never match
+            // what we attach now.
+            for n in NET_PROGRAMS {
+                let _ = fs::remove_file(pinned(dir, "progs", n));
+            }
+            for name in NET_PROGRAMS {
+                let prog: &mut CgroupSockAddr = program(&mut this, name)?;
+                prog.load()
+                    .map_err(|source| EnforcerError::Program { name, source })?;
+                prog.pin(pinned(dir, "progs", name))
+                    .map_err(|source| PinnedError::Pin {
+                        what: name.into(),
+                        source,
+                    })?;
+            }
+            Origin::Fresh
+        };
+        if lsm_pinned(dir) {
+            lsm = true;
+        } else if opts.lsm {
+            this.load_lsm_pinned(dir)?;
+            lsm = true;
+        }
+        Ok((Self::from_parts(this.ebpf, lsm), origin))
+    }
+
+    fn load_lsm_pinned(&mut self, dir: &Path) -> Result<(), PinnedError> {
+        let lsm_list = fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+        if !lsm_list.trim().split(',').any(|l| l == "bpf") {
+            return Err(EnforcerError::LsmUnavailable {
+                reason: format!("the kernel's LSM list is `{}`, without bpf", lsm_list.trim()),
+            }
+            .into());
+        }
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EnforcerError::LsmUnavailable {
+            reason: e.to_string(),
+        })?;
+        for (name, hook) in LSM_PROGRAMS {
+            let _ = fs::remove_file(pinned(dir, "links", name));
+            let prog: &mut Lsm = program(self, name)?;
+            prog.load(hook, &aya_btf)
+                .map_err(|e| EnforcerError::LsmUnavailable {
+                    reason: format!("the kernel refused to load LSM program {name}: {e}"),
+                })?;
+            let id = prog
+                .attach()
+                .map_err(|source| EnforcerError::Program { name, source })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| EnforcerError::Program { name, source })?;
+            let link = FdLink::from(link);
+            // The pin, not our fd, keeps the program attached from now on.
+            link.pin(pinned(dir, "links", name))
+                .map_err(|source| PinnedError::Pin {
+                    what: format!("link {name}"),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Attaches (or detaches) the pinned network programs to the cgroup at
+    /// `cgroup_path`. Attaching what is attached already is not an error, so
+    /// a restarted daemon may re-assert its sandboxes without doubling them.
+    pub fn cgroup_op_pinned(dir: &Path, cgroup_path: &Path, op: attach::Op) -> Result<(), PinnedError> {
+        let cg = fs::File::open(cgroup_path).map_err(io_err(cgroup_path))?;
+        for (name, attach_type) in NET_PROGRAMS.iter().zip(attach::NET_ATTACH_TYPES) {
+            let path = pinned(dir, "progs", name);
+            let fd = obj_get(&path).map_err(io_err(&path))?;
+            match attach::cgroup(op, cg.as_fd(), fd.as_fd(), attach_type) {
+                Ok(()) => {}
+                Err(e) if matches!(op, attach::Op::Attach) && e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) if matches!(op, attach::Op::Detach) && e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    return Err(PinnedError::Io {
+                        path: PathBuf::from(format!("{} ({name}, {op:?})", cgroup_path.display())),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The sandbox entries in `SANDBOXES`.
+    pub fn sandbox_entries(&self) -> Result<Vec<(u64, SandboxConfig)>, EnforcerError> {
+        let map = self.ebpf.map("SANDBOXES").ok_or(EnforcerError::NoMap("SANDBOXES"))?;
+        let sb: HashMap<&MapData, u64, SandboxConfig> = HashMap::try_from(map).map_err(map_err("SANDBOXES"))?;
+        Ok(sb.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Removes the sandbox entry of cgroup `cgroup_id`: from the next hook on,
+    /// its processes are outside every sandbox.
+    pub fn remove_sandbox_entry(&mut self, cgroup_id: u64) -> Result<(), EnforcerError> {
+        let map = self.ebpf.map_mut("SANDBOXES").ok_or(EnforcerError::NoMap("SANDBOXES"))?;
+        let mut sb: HashMap<&mut MapData, u64, SandboxConfig> =
+            HashMap::try_from(map).map_err(map_err("SANDBOXES"))?;
+        match sb.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err("SANDBOXES")(e)),
+        }
+    }
+
+    /// Sets the bit mask of cgroup levels that hold a sandbox root.
+    pub fn set_sandbox_levels(&mut self, mask: u64) -> Result<(), EnforcerError> {
+        let map = self
+            .ebpf
+            .map_mut("SANDBOX_LEVELS")
+            .ok_or(EnforcerError::NoMap("SANDBOX_LEVELS"))?;
+        let mut levels: Array<&mut MapData, u64> = Array::try_from(map).map_err(map_err("SANDBOX_LEVELS"))?;
+        levels.set(0, mask, 0).map_err(map_err("SANDBOX_LEVELS"))
+    }
+
+    /// Deletes every rule whose sandbox id is not in `live`: what earlier
+    /// generations of a reloaded policy, and deleted sandboxes, left behind.
+    /// Returns how many entries went.
+    pub fn gc_rules(&mut self, live: &HashSet<u32>) -> Result<usize, EnforcerError> {
+        let mut n = 0;
+        if let Some(map) = self.ebpf.map_mut("NET_V4") {
+            let mut m: LpmTrie<&mut MapData, NetKeyV4, NetRuleSet> =
+                LpmTrie::try_from(map).map_err(map_err("NET_V4"))?;
+            let dead: Vec<Key<NetKeyV4>> = m
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !live.contains(&u32::from_be_bytes(k.data().sandbox_id)))
+                .collect();
+            for k in dead {
+                n += usize::from(m.remove(&k).is_ok());
+            }
+        }
+        if let Some(map) = self.ebpf.map_mut("NET_V6") {
+            let mut m: LpmTrie<&mut MapData, NetKeyV6, NetRuleSet> =
+                LpmTrie::try_from(map).map_err(map_err("NET_V6"))?;
+            let dead: Vec<Key<NetKeyV6>> = m
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !live.contains(&u32::from_be_bytes(k.data().sandbox_id)))
+                .collect();
+            for k in dead {
+                n += usize::from(m.remove(&k).is_ok());
+            }
+        }
+        n += gc_hash::<FileRuleKey, FileRuleValue>(self, "FILE_RULES", live, |k| k.sandbox_id)?;
+        n += gc_hash::<FileRuleKey, ExecRuleValue>(self, "EXEC_RULES", live, |k| k.sandbox_id)?;
+        n += gc_hash::<InodeKey, FileRuleValue>(self, "INODE_RULES", live, |k| k.sandbox_id)?;
+        Ok(n)
+    }
+
+}
+
+fn gc_hash<K: aya::Pod, V: aya::Pod>(
+    e: &mut Enforcer,
+    name: &'static str,
+    live: &HashSet<u32>,
+    id: impl Fn(&K) -> u32,
+) -> Result<usize, EnforcerError> {
+    let Some(map) = e.ebpf.map_mut(name) else {
+        return Ok(0);
+    };
+    let mut m: HashMap<&mut MapData, K, V> = HashMap::try_from(map).map_err(map_err(name))?;
+    let dead: Vec<K> = m.keys().filter_map(Result::ok).filter(|k| !live.contains(&id(k))).collect();
+    let mut n = 0;
+    for k in dead {
+        n += usize::from(m.remove(&k).is_ok());
+    }
+    Ok(n)
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EnforcerError {
+    move |source| EnforcerError::Map { name, source }
+}
+
+fn program<'a, T>(e: &'a mut Enforcer, name: &'static str) -> Result<&'a mut T, EnforcerError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = e.ebpf.program_mut(name).ok_or(EnforcerError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
+    prog.try_into()
+        .map_err(|source| EnforcerError::Program { name, source })
+}
+
+/// `BPF_OBJ_GET`: a new fd on the object pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: bpf(2) with a valid, fully initialised attr of the given size;
+    // `c` outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjAttr,
+            size_of::<ObjAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+}
+
+/// Removes everything pinned under `dir` and the directory itself.
+pub fn remove_pins(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for sub in ["links", "progs", "maps"] {
+        let p = dir.join(sub);
+        if let Ok(rd) = fs::read_dir(&p) {
+            for e in rd.flatten() {
+                fs::remove_file(e.path())?;
+            }
+        }
+        match fs::remove_dir(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    fs::remove_dir(dir)
+}

@@ -1,0 +1,77 @@
+//! The Policy Decision Point side of the PEP: asking, answering, caching.
+//!
+//! - `query`: SPEC's decision query (the `input` every engine is given);
+//! - `answer`: the answer's shapes (`result` boolean or object; missing is
+//!   deny; anything else is deny with the reason recorded);
+//! - `builtin`, `rego`, `opa`: the three engines behind the `Pdp` trait;
+//!   `engine` builds the one a policy's `pdp:` section selects;
+//! - `serve`: `pep-agent pdp serve`, an OPA-compatible Data API over regorus;
+//! - `rules`: a Rego rules query producing a sandbox's policy sections;
+//! - `eval`: `pep-agent policy eval`;
+//! - `cache`, `kernel`, `sockdiag`, `task`: the kernel side of asking (the
+//!   verdict cache and held connects in BPF maps, SOCK_DESTROY, and the task
+//!   that answers misses during `pep-agent run`).
+
+pub mod answer;
+pub mod builtin;
+pub mod cache;
+pub mod engine;
+pub mod eval;
+pub mod kernel;
+pub mod opa;
+pub mod query;
+pub mod rego;
+pub mod rules;
+pub mod serve;
+pub mod sockdiag;
+pub mod standalone;
+pub mod task;
+
+use std::{future::Future, pin::Pin, time::Duration};
+
+pub use answer::Answer;
+pub use engine::build as build_engine;
+
+/// One decision, as an engine returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PdpDecision {
+    pub answer: Answer,
+    /// The PDP's id for this decision (OPA's `decision_id`; a fresh ULID for
+    /// the embedded engines), for correlating with the PDP's own logs.
+    pub decision_id: Option<String>,
+}
+
+/// Why a PDP could not answer. Each case goes to `on_unavailable`.
+#[derive(Debug, thiserror::Error)]
+pub enum PdpError {
+    #[error("the PDP did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the PDP is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the PDP failed to evaluate: {0}")]
+    Eval(String),
+}
+
+/// The future a `Pdp::decide` returns (boxed so the trait stays object safe).
+pub type DecideFuture<'a> = Pin<Box<dyn Future<Output = Result<PdpDecision, PdpError>> + Send + 'a>>;
+
+/// A Policy Decision Point: given SPEC's decision query `input`, an answer.
+pub trait Pdp: Send + Sync {
+    /// `builtin`, `rego` or `opa`: the audit record's `pdp.engine`.
+    fn engine(&self) -> &'static str;
+    fn decide<'a>(&'a self, input: &'a serde_json::Value) -> DecideFuture<'a>;
+}
+
+/// A fresh decision id for the embedded engines.
+pub(crate) fn new_decision_id() -> String {
+    ulid::Ulid::new().to_string()
+}
+
+/// The PDP part of validating a policy (`policy check`, and load): the
+/// engine must build (Rego parses), and a rules query must give valid
+/// sections, which then replace the file's.
+pub fn check_policy(policy: &mut crate::policy::Policy, home: &std::path::Path) -> Result<(), String> {
+    engine::build(policy)?;
+    let name = policy.name.clone().unwrap_or_else(|| "sandbox".into());
+    rules::apply(policy, &name, home)
+}

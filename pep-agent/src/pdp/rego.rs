@@ -1,0 +1,177 @@
+//! The `rego` engine: Rego modules evaluated in-process by `regorus`.
+//!
+//! Loading parses every module, so invalid Rego is rejected at `policy
+//! check` and at load, with regorus' `file:line:col` message.
+
+use std::{path::Path, sync::Mutex};
+
+use serde_json::Value;
+
+use super::{DecideFuture, Pdp, PdpDecision, PdpError, answer::parse_result, new_decision_id};
+
+/// Invalid Rego, or a query that is not a rule of the loaded modules.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RegoError(pub String);
+
+/// Loaded Rego modules and the rule that decides.
+pub struct Rego {
+    /// regorus evaluates with `&mut self`; one evaluation at a time (each
+    /// takes microseconds).
+    engine: Mutex<regorus::Engine>,
+    query: String,
+}
+
+impl Rego {
+    /// Loads `files` (Rego v1 syntax, as OPA 1.x) to answer `query`
+    /// (`data.<package>.<rule>`).
+    pub fn load(files: &[impl AsRef<Path>], query: &str) -> Result<Self, RegoError> {
+        let engine = load_engine(files)?;
+        Ok(Self {
+            engine: Mutex::new(engine),
+            query: query.to_owned(),
+        })
+    }
+
+    /// `query`'s value for `input`; `None` when undefined.
+    pub fn eval(&self, query: &str, input: &Value) -> Result<Option<Value>, RegoError> {
+        let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        eval_in(&mut engine, query, input)
+    }
+
+    pub fn query(&self) -> &str {
+        &self.query
+    }
+}
+
+/// A regorus engine with `files` loaded.
+pub fn load_engine(files: &[impl AsRef<Path>]) -> Result<regorus::Engine, RegoError> {
+    let mut engine = regorus::Engine::new();
+    for f in files {
+        let f = f.as_ref();
+        engine
+            .add_policy_from_file(f)
+            .map_err(|e| RegoError(one_line(&format!("{e:#}"), &f.display().to_string())))?;
+    }
+    if files.is_empty() {
+        return Err(RegoError("no Rego files given".into()));
+    }
+    Ok(engine)
+}
+
+/// regorus' multi-line diagnostic (`--> file:L:C`, a source excerpt,
+/// `error: message`) as one `file:L:C: invalid Rego: message` line, the
+/// format `policy check` prints.
+fn one_line(diag: &str, file: &str) -> String {
+    let loc = diag
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("-->"))
+        .map(str::trim);
+    let msg = diag
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("error:"))
+        .map(str::trim);
+    match (loc, msg) {
+        (Some(loc), Some(msg)) => format!("{loc}: invalid Rego: {msg}"),
+        _ => format!(
+            "{file}: invalid Rego: {}",
+            diag.split_whitespace().collect::<Vec<_>>().join(" ")
+        ),
+    }
+}
+
+/// Evaluates `query` (a rule path such as `data.pep.decision`, or any other
+/// reference into `data`) against `input`. `None`: undefined.
+pub fn eval_in(engine: &mut regorus::Engine, query: &str, input: &Value) -> Result<Option<Value>, RegoError> {
+    engine.set_input(regorus::Value::from(input.clone()));
+    let value = match engine.eval_rule(query.to_owned()) {
+        Ok(v) => v,
+        // Not a rule (e.g. a package, `data.pep`): evaluate it as a query,
+        // which is what OPA's Data API does for any path.
+        Err(rule_err) => {
+            let results = engine
+                .eval_query(query.to_owned(), false)
+                .map_err(|e| RegoError(format!("evaluating `{query}`: {rule_err:#}; as a query: {e:#}")))?;
+            match results.result.first().and_then(|r| r.expressions.first()) {
+                Some(expr) => expr.value.clone(),
+                None => regorus::Value::Undefined,
+            }
+        }
+    };
+    if value == regorus::Value::Undefined {
+        return Ok(None);
+    }
+    serde_json::to_value(&value)
+        .map(Some)
+        .map_err(|e| RegoError(format!("`{query}` gave a value that is not JSON: {e}")))
+}
+
+impl Pdp for Rego {
+    fn engine(&self) -> &'static str {
+        "rego"
+    }
+
+    fn decide<'a>(&'a self, input: &'a Value) -> DecideFuture<'a> {
+        Box::pin(async move {
+            let result = self
+                .eval(&self.query, input)
+                .map_err(|e| PdpError::Eval(e.to_string()))?;
+            Ok(PdpDecision {
+                answer: parse_result(result.as_ref()),
+                decision_id: Some(new_decision_id()),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    #[tokio::test]
+    async fn decides_with_each_shape() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = write(
+            dir.path(),
+            "p.rego",
+            "package pep\n\
+             default decision := false\n\
+             decision if input.resource.dport == 443\n\
+             obj := {\"allow\": true, \"ttl_s\": 7, \"reason\": \"r\"} if input.resource.dport == 80\n\
+             weird := \"yes\"\n",
+        );
+        let r = Rego::load(&[&f], "data.pep.decision").expect("load");
+        let input = |port: u16| json!({"action": "net.connect", "resource": {"dport": port}});
+        assert!(r.decide(&input(443)).await.unwrap().answer.allow);
+        assert!(!r.decide(&input(22)).await.unwrap().answer.allow);
+        let obj = Rego::load(&[&f], "data.pep.obj").expect("load");
+        let a = obj.decide(&input(80)).await.unwrap().answer;
+        assert_eq!((a.allow, a.ttl_s), (true, Some(7)));
+        // Undefined: deny, and says so.
+        let a = obj.decide(&input(81)).await.unwrap().answer;
+        assert!(!a.allow && a.error.is_some());
+        let weird = Rego::load(&[&f], "data.pep.weird").expect("load");
+        let a = weird.decide(&input(1)).await.unwrap().answer;
+        assert!(!a.allow && a.error.unwrap().contains("string"));
+        // A package path is evaluated as OPA would: the package's document.
+        let pkg = r.eval("data.pep", &input(443)).expect("eval").expect("defined");
+        assert_eq!(pkg["decision"], json!(true));
+    }
+
+    #[test]
+    fn invalid_rego_names_its_location() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = write(dir.path(), "bad.rego", "package pep\n\ndecision if { input.x == == 1 }\n");
+        let err = Rego::load(&[&f], "data.pep.decision").err().expect("must fail").0;
+        assert!(err.contains("bad.rego:3:"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+    }
+}

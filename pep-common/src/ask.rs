@@ -1,0 +1,102 @@
+//! Asking the Policy Decision Point: the verdict cache, held connects, and
+//! the events that tell userspace what to ask.
+//!
+//! When a sandbox's `network.default` is `ask` and no compiled rule matches,
+//! the kernel looks the destination up in `VERDICT_CACHE` (an LRU hash keyed
+//! by `VerdictKey`). A live entry (not expired, stamped with the sandbox's
+//! current PDP revision) decides in the kernel. Otherwise the attempt is a
+//! miss: a TCP connect is held (`ASK_HELD`) until userspace writes a verdict;
+//! anything else fails now (`ASK_DENIED_NOW`, or goes ahead in audit mode,
+//! `ASK_ALLOWED_NOW`) and the answer is cached for the next attempt.
+
+use crate::event::EventHeader;
+
+/// Event kind of an `AskEvent` (sent through the `ASKS` ring buffer, not
+/// the audit stream's, so it never collides with the audit kinds).
+pub const KIND_ASK: u32 = 100;
+
+/// Cache key actions. The network ones equal `event::NET_OP_*`.
+pub const ACTION_NET_CONNECT: u32 = 1;
+pub const ACTION_NET_SEND: u32 = 2;
+pub const ACTION_EXEC: u32 = 6;
+
+/// What the kernel did with the attempt that missed.
+/// A TCP connect held until userspace writes the verdict.
+pub const ASK_HELD: u32 = 1;
+/// The attempt failed (EPERM); the answer serves later attempts.
+pub const ASK_DENIED_NOW: u32 = 2;
+/// Audit mode: the attempt went ahead; the answer is recorded and cached.
+pub const ASK_ALLOWED_NOW: u32 = 3;
+
+/// `AskSandbox::flags`: network misses are asked.
+pub const ASK_FLAG_NET: u32 = 1;
+
+/// SYN retransmits allowed while a connect is held (`TCP_SYNCNT`) when
+/// userspace gives none: bounds the hold if no verdict ever comes.
+pub const DEFAULT_HOLD_SYNCNT: u32 = 8;
+
+/// `VERDICT_CACHE` key: sandbox, action, resource.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VerdictKey {
+    pub sandbox_id: u32,
+    /// `ACTION_*`.
+    pub action: u32,
+    /// `event::AF_INET` or `AF_INET6`; IPv4-mapped IPv6 is `AF_INET`.
+    pub family: u32,
+    /// IP protocol number.
+    pub protocol: u32,
+    /// Destination port, host order.
+    pub dport: u32,
+    pub _pad: u32,
+    /// Network order; IPv4 fills the first 4 bytes, the rest zero.
+    pub daddr: [u8; 16],
+}
+
+/// `VERDICT_CACHE` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictEntry {
+    /// `event::VERDICT_*`.
+    pub verdict: u32,
+    /// `AskSandbox::revision` the verdict was given under; another value
+    /// makes the entry stale (a miss).
+    pub revision: u32,
+    /// `bpf_ktime_get_boot_ns()` after which the entry is a miss.
+    pub expires_ns: u64,
+}
+
+/// `ASK_SANDBOXES[sandbox_id]`: a sandbox that asks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AskSandbox {
+    /// Current PDP revision; bumped when a reload changes the PDP's answers.
+    pub revision: u32,
+    /// `ASK_FLAG_*`.
+    pub flags: u32,
+    /// `TCP_SYNCNT` while held.
+    pub syncnt: u32,
+    pub _pad: u32,
+}
+
+/// One miss, as userspace receives it. For a held connect it also sits in
+/// `PENDING` (keyed by socket cookie) until the verdict is written.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AskEvent {
+    pub header: EventHeader,
+    pub key: VerdictKey,
+    /// `bpf_get_socket_cookie`; 0 when not held.
+    pub cookie: u64,
+    /// Local address and port of a held connect (network order address,
+    /// host order port), known once the SYN is built; what SOCK_DESTROY
+    /// needs with the destination.
+    pub saddr: [u8; 16],
+    pub sport: u32,
+    /// `ASK_*`.
+    pub disposition: u32,
+    /// Held connects: 1 once the event went to userspace.
+    pub sent: u32,
+    /// The socket's own family (an IPv6 socket may reach an IPv4 peer).
+    pub sock_family: u32,
+}

@@ -1,0 +1,310 @@
+//! VFS helpers for the LSM hooks: the path of a `(vfsmount, dentry)` pair
+//! built by walking the dentry and mount chains, a file's inode identity, and
+//! its file system's magic.
+//!
+//! Why a walk: on 6.1, `bpf_d_path` is allowed only in hooks the kernel counts
+//! as sleepable (`file_open`, `bprm_check_security`, `mmap_file`, ...), not in
+//! the `path_*` hooks that change the tree. The walk does what the kernel's
+//! `prepend_path` does: from the dentry up through `d_parent`, crossing a mount
+//! at its root to the `mnt_mountpoint` in `mnt_parent`, until the calling
+//! task's root (`current->fs->root`, so a chrooted task sees its own view, as
+//! with `bpf_d_path`) or the global root. Every pointer is read with
+//! `bpf_probe_read_kernel` at offsets resolved from the running kernel's BTF.
+//!
+//! Limits (fail closed: the caller denies a sandboxed access it cannot name):
+//! `PATH_MAX_LEN` bytes NUL included, and `MAX_WALK_STEPS` steps (components
+//! plus mount crossings). The walk takes no lock: a concurrent rename may
+//! give a path that mixes old and new names, which is what the kernel's own
+//! lockless d_path would retry; here the hooks run with the parent directory
+//! locked (`path_*`), so the last component is stable.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel, generated},
+    macros::map,
+    maps::PerCpuArray,
+};
+use pep_common::event::PATH_MAX_LEN;
+
+/// `offsetof(struct path, mnt)`.
+#[unsafe(no_mangle)]
+static PATH_MNT: u64 = 0;
+/// `offsetof(struct path, dentry)`.
+#[unsafe(no_mangle)]
+static PATH_DENTRY: u64 = 0;
+/// `offsetof(struct dentry, d_parent)`.
+#[unsafe(no_mangle)]
+static DENTRY_D_PARENT: u64 = 0;
+/// `offsetof(struct dentry, d_name)`.
+#[unsafe(no_mangle)]
+static DENTRY_D_NAME: u64 = 0;
+/// `offsetof(struct dentry, d_inode)`.
+#[unsafe(no_mangle)]
+static DENTRY_D_INODE: u64 = 0;
+/// `offsetof(struct dentry, d_sb)`.
+#[unsafe(no_mangle)]
+static DENTRY_D_SB: u64 = 0;
+/// `offsetof(struct qstr, len)`.
+#[unsafe(no_mangle)]
+static QSTR_LEN: u64 = 0;
+/// `offsetof(struct qstr, name)`.
+#[unsafe(no_mangle)]
+static QSTR_NAME: u64 = 0;
+/// `offsetof(struct vfsmount, mnt_root)`.
+#[unsafe(no_mangle)]
+static VFSMOUNT_MNT_ROOT: u64 = 0;
+/// `offsetof(struct mount, mnt)`: `real_mount()` is `container_of` this.
+#[unsafe(no_mangle)]
+static MOUNT_MNT: u64 = 0;
+/// `offsetof(struct mount, mnt_parent)`.
+#[unsafe(no_mangle)]
+static MOUNT_MNT_PARENT: u64 = 0;
+/// `offsetof(struct mount, mnt_mountpoint)`.
+#[unsafe(no_mangle)]
+static MOUNT_MNT_MOUNTPOINT: u64 = 0;
+/// `offsetof(struct task_struct, fs)`.
+#[unsafe(no_mangle)]
+static TASK_FS: u64 = 0;
+/// `offsetof(struct fs_struct, root)`.
+#[unsafe(no_mangle)]
+static FS_ROOT: u64 = 0;
+/// `offsetof(struct file, f_inode)`.
+#[unsafe(no_mangle)]
+static FILE_F_INODE: u64 = 0;
+/// `offsetof(struct inode, i_ino)`.
+#[unsafe(no_mangle)]
+static INODE_I_INO: u64 = 0;
+/// `offsetof(struct inode, i_sb)`.
+#[unsafe(no_mangle)]
+static INODE_I_SB: u64 = 0;
+/// `offsetof(struct super_block, s_dev)`.
+#[unsafe(no_mangle)]
+static SB_S_DEV: u64 = 0;
+/// `offsetof(struct super_block, s_magic)`.
+#[unsafe(no_mangle)]
+static SB_S_MAGIC: u64 = 0;
+
+#[inline(always)]
+pub fn global(v: &'static u64) -> usize {
+    // SAFETY: a valid static; the volatile read stops the compiler folding the
+    // zero it was compiled with.
+    unsafe { core::ptr::read_volatile(v) as usize }
+}
+
+/// `*(base + off)` as a pointer, or null when it cannot be read.
+#[inline(always)]
+pub fn read_ptr(base: *const u8, off: usize) -> *const u8 {
+    if base.is_null() {
+        return core::ptr::null();
+    }
+    // SAFETY: probe reads tolerate any address; a bad one yields an error.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off) as *const *const u8) }.unwrap_or(core::ptr::null())
+}
+
+/// `*(base + off)` as a `T`, or `T::default()` when it cannot be read.
+#[inline(always)]
+pub fn read_val<T: Copy + Default>(base: *const u8, off: usize) -> T {
+    if base.is_null() {
+        return T::default();
+    }
+    // SAFETY: as `read_ptr`.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off) as *const T) }.unwrap_or_default()
+}
+
+/// `path->mnt` and `path->dentry`.
+#[inline(always)]
+pub fn path_parts(path: *const u8) -> (*const u8, *const u8) {
+    (read_ptr(path, global(&PATH_MNT)), read_ptr(path, global(&PATH_DENTRY)))
+}
+
+/// `file->f_inode`.
+#[inline(always)]
+pub fn file_inode(file: *const u8) -> *const u8 {
+    read_ptr(file, global(&FILE_F_INODE))
+}
+
+/// `dentry->d_inode` (null for a negative dentry: a name being created).
+#[inline(always)]
+pub fn dentry_inode(dentry: *const u8) -> *const u8 {
+    read_ptr(dentry, global(&DENTRY_D_INODE))
+}
+
+/// `dentry->d_sb`.
+#[inline(always)]
+pub fn dentry_sb(dentry: *const u8) -> *const u8 {
+    read_ptr(dentry, global(&DENTRY_D_SB))
+}
+
+/// `inode->i_sb`.
+#[inline(always)]
+pub fn inode_sb(inode: *const u8) -> *const u8 {
+    read_ptr(inode, global(&INODE_I_SB))
+}
+
+/// (`s_dev`, `i_ino`) of an inode: its identity across hard links and bind
+/// mounts. (0, 0) when it cannot be read.
+#[inline(always)]
+pub fn inode_id(inode: *const u8) -> (u64, u64) {
+    if inode.is_null() {
+        return (0, 0);
+    }
+    let ino: u64 = read_val(inode, global(&INODE_I_INO));
+    let dev: u32 = read_val(inode_sb(inode), global(&SB_S_DEV));
+    (u64::from(dev), ino)
+}
+
+/// `sb->s_magic`: which file system.
+#[inline(always)]
+pub fn sb_magic(sb: *const u8) -> u64 {
+    read_val(sb, global(&SB_S_MAGIC))
+}
+
+/// `CGROUP2_SUPER_MAGIC`.
+pub const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
+/// `CGROUP_SUPER_MAGIC` (v1 hierarchies).
+pub const CGROUP_SUPER_MAGIC: u64 = 0x0027_e0eb;
+/// `BPF_FS_MAGIC`.
+pub const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+
+/// Most steps of the walk: path components plus mount crossings. A path of
+/// `PATH_MAX_LEN` bytes has at most `PATH_MAX_LEN / 2` components.
+pub const MAX_WALK_STEPS: u32 = (PATH_MAX_LEN / 2) as u32 + 8;
+
+/// Where the walk builds the path backwards, from offset `PATH_MAX_LEN` down.
+/// Twice the path size so that every masked write stays inside.
+const WALK_LEN: usize = 2 * PATH_MAX_LEN;
+const MASK: usize = PATH_MAX_LEN - 1;
+const _: () = assert!(PATH_MAX_LEN.is_power_of_two());
+
+#[map]
+static WALK_SCRATCH: PerCpuArray<[u8; WALK_LEN]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Copies `n` bytes from `src` to `dst` with one helper call. A plain array
+/// assignment may compile to a byte loop, which the verifier then walks once
+/// per state that reaches it.
+#[inline(always)]
+pub fn copy(dst: *mut u8, src: *const u8, n: usize) {
+    // SAFETY: callers pass a destination of at least `n` bytes; the source is
+    // probe-read.
+    unsafe { generated::bpf_probe_read_kernel(dst as *mut _, n as u32, src as *const _) };
+}
+
+/// Writes the path of `dentry` in mount `vfsmnt` into `out`, NUL-terminated,
+/// relative to the calling task's root. Returns the length (NUL excluded), or
+/// `None` when the path is longer than `PATH_MAX_LEN` (NUL included), deeper
+/// than `MAX_WALK_STEPS`, or cannot be read. The length comes back through
+/// the scratch map, so the verifier sees one unknown value whichever
+/// iteration the walk ended in, and verifies the caller once.
+#[inline(always)]
+pub fn dentry_path(vfsmnt: *const u8, dentry: *const u8, out: &mut [u8; PATH_MAX_LEN]) -> Option<u32> {
+    let scratch = WALK_SCRATCH.get_ptr_mut(0)?;
+    if vfsmnt.is_null() || dentry.is_null() {
+        return None;
+    }
+    let scratch = scratch as *mut u8;
+    // SAFETY: plain helper call; the task pointer is only probe-read.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let fs = read_ptr(task, global(&TASK_FS));
+    let root = fs.wrapping_add(global(&FS_ROOT));
+    let (root_mnt, root_dentry) = if fs.is_null() {
+        (core::ptr::null(), core::ptr::null())
+    } else {
+        path_parts(root)
+    };
+    let off_mount_mnt = global(&MOUNT_MNT);
+    let off_mnt_root = global(&VFSMOUNT_MNT_ROOT);
+    let off_mnt_parent = global(&MOUNT_MNT_PARENT);
+    let off_mountpoint = global(&MOUNT_MNT_MOUNTPOINT);
+    let off_parent = global(&DENTRY_D_PARENT);
+    let off_name = global(&DENTRY_D_NAME);
+    let off_len = off_name + global(&QSTR_LEN);
+    let off_name_ptr = off_name + global(&QSTR_NAME);
+
+    let mut vfsmnt = vfsmnt;
+    let mut mount = vfsmnt.wrapping_sub(off_mount_mnt);
+    let mut d = dentry;
+    // The path occupies scratch[pos..PATH_MAX_LEN].
+    let mut pos = PATH_MAX_LEN;
+    let mut done = false;
+    let mut step = 0;
+    // Bounded: MAX_WALK_STEPS iterations.
+    while step < MAX_WALK_STEPS {
+        step += 1;
+        if d == root_dentry && vfsmnt == root_mnt {
+            done = true;
+            break;
+        }
+        if d == read_ptr(vfsmnt, off_mnt_root) {
+            // At the root of this mount: continue at its mount point.
+            let parent = read_ptr(mount, off_mnt_parent);
+            if parent.is_null() || parent == mount {
+                // The global root.
+                done = true;
+                break;
+            }
+            d = read_ptr(mount, off_mountpoint);
+            mount = parent;
+            vfsmnt = parent.wrapping_add(off_mount_mnt);
+            continue;
+        }
+        let parent = read_ptr(d, off_parent);
+        if parent.is_null() {
+            break;
+        }
+        if parent == d {
+            // The root of a tree that is not mounted (e.g. a detached mount).
+            done = true;
+            break;
+        }
+        let len: u32 = read_val(d, off_len);
+        let name = read_ptr(d, off_name_ptr);
+        let len = len as usize;
+        // Room for "/" + name, and a NUL at the end: pos - len - 1 >= 1.
+        if len == 0 || name.is_null() || len + 2 > pos {
+            break;
+        }
+        let at = (pos - len) & MASK;
+        // SAFETY: `at` and `len` are below PATH_MAX_LEN, so the write stays
+        // inside the 2 * PATH_MAX_LEN scratch; the source is probe-read.
+        let rc = unsafe {
+            generated::bpf_probe_read_kernel(scratch.add(at) as *mut _, (len & MASK) as u32, name as *const _)
+        };
+        if rc != 0 {
+            break;
+        }
+        pos = pos - len - 1;
+        // SAFETY: pos < PATH_MAX_LEN after the check above.
+        unsafe { *scratch.add(pos & MASK) = b'/' };
+        d = parent;
+    }
+    if !done {
+        return None;
+    }
+    if pos == PATH_MAX_LEN {
+        // The root itself.
+        pos -= 1;
+        // SAFETY: inside the scratch.
+        unsafe { *scratch.add(pos & MASK) = b'/' };
+    }
+    let n = (PATH_MAX_LEN - pos) & MASK;
+    // SAFETY: n < PATH_MAX_LEN bytes into `out` of PATH_MAX_LEN; the source
+    // is inside the scratch.
+    let rc = unsafe {
+        generated::bpf_probe_read_kernel(
+            out.as_mut_ptr() as *mut _,
+            n as u32,
+            scratch.add(pos & MASK) as *const _,
+        )
+    };
+    out[n] = 0;
+    if rc != 0 {
+        return None;
+    }
+    // Laundered through the scratch (see above).
+    let slot = scratch.wrapping_add(PATH_MAX_LEN) as *mut u32;
+    // SAFETY: 4 bytes inside the second half of the scratch, which the walk
+    // does not use.
+    unsafe {
+        core::ptr::write_volatile(slot, n as u32);
+        Some(core::ptr::read_volatile(slot))
+    }
+}

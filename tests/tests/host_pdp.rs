@@ -1,0 +1,482 @@
+//! `network.default: ask` on the host kernel: a held TCP connect waits for
+//! a remote PDP (`pep-agent pdp serve` as a separate process, or a fake OPA
+//! server in this test that answers whatever shape it is told to), the
+//! verdict is cached in the kernel, the PDP's failures go to
+//! `on_unavailable`.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use pep_tests::*;
+
+/// A `pep-agent pdp serve` process, killed on drop.
+struct PdpServer {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl PdpServer {
+    fn start(rego: &Path) -> Self {
+        let mut child = Command::new(pep_agent_bin())
+            .args(["pdp", "serve", "--listen", "127.0.0.1:0", "--policy"])
+            .arg(rego)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pdp serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("pdp serve exited before listening")
+                .expect("read stderr");
+            if let Some(a) = line.split("listening on http://").nth(1) {
+                break a.trim().parse().expect("listen address");
+            }
+        };
+        // Keep draining stderr so the server never blocks on it.
+        thread::spawn(move || for _ in lines {});
+        Self { child, addr }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/v1/data/pep/decision", self.addr)
+    }
+
+    /// The server's request counter, read from outside the sandbox.
+    fn requests(&self) -> u64 {
+        let mut s = TcpStream::connect(self.addr).expect("connect pdp");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("write");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read");
+        text.lines()
+            .find_map(|l| l.strip_prefix("pep_pdp_requests_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no counter in {text}"))
+    }
+}
+
+impl Drop for PdpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fake OPA: answers `POST` with the body `answer(dport)` chooses (after
+/// `delay`), keeping connections alive as OPA does. Counts requests.
+struct FakeOpa {
+    addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+}
+
+fn fake_opa(delay: Duration, answer: impl Fn(u64) -> String + Send + Sync + 'static) -> FakeOpa {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind fake opa");
+    let addr = l.local_addr().expect("addr");
+    let requests = Arc::new(AtomicU64::new(0));
+    let answer = Arc::new(answer);
+    let count = requests.clone();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            let answer = answer.clone();
+            let count = count.clone();
+            thread::spawn(move || serve_conn(s, delay, &*answer, &count));
+        }
+    });
+    FakeOpa { addr, requests }
+}
+
+fn serve_conn(s: TcpStream, delay: Duration, answer: &dyn Fn(u64) -> String, count: &AtomicU64) {
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    let mut w = s;
+    loop {
+        let mut len = 0usize;
+        let mut first = true;
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if first && line.trim().is_empty() {
+                continue;
+            }
+            first = false;
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        count.fetch_add(1, Ordering::SeqCst);
+        let input: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let dport = input["input"]["resource"]["dport"].as_u64().unwrap_or(0);
+        thread::sleep(delay);
+        let out = answer(dport);
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{out}",
+            out.len()
+        );
+        if w.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A port nobody listens on.
+fn dead_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn probe_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pdp_probe.py")
+}
+
+/// Runs the probe commands in a sandbox under `policy`; returns
+/// `(results, elapsed_ms)` per command and the run's output.
+fn probe(policy: &Path, audit: &Path, cmds: &[Vec<String>]) -> (Vec<(String, u64)>, Output) {
+    let mut argv: Vec<String> = vec!["python3".into(), probe_script().display().to_string()];
+    for c in cmds {
+        argv.extend(c.iter().cloned());
+        argv.push(";".into());
+    }
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let audit_arg = audit.display().to_string();
+    let out = pep_run(policy, &["--audit", &audit_arg], &argv);
+    let res = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (_, r, ms) = (it.next()?, it.next()?, it.next()?);
+            Some((r.to_string(), ms.parse().ok()?))
+        })
+        .collect();
+    (res, out)
+}
+
+fn cmd(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+fn tcp(host: &str, port: u16) -> Vec<String> {
+    cmd(&["tcp", host, &port.to_string()])
+}
+
+fn policy_for(s: &Scratch, url: &str, extra_pdp: &str, allow_port: Option<u16>) -> PathBuf {
+    let allow = allow_port.map_or(String::new(), |p| {
+        format!("  rules:\n    - allow: {{ cidr: 127.0.0.1/32, ports: [{p}], protocol: tcp }}\n")
+    });
+    s.write(
+        "policy.yaml",
+        &format!(
+            "apiVersion: pep/v1\nname: pdptest\nnetwork:\n  default: ask\n{allow}\
+             pdp:\n  engine: opa\n  opa: {{ url: \"{url}\", timeout_ms: 200 }}\n{extra_pdp}"
+        ),
+    )
+}
+
+fn results(r: &[(String, u64)]) -> Vec<&str> {
+    r.iter().map(|(x, _)| x.as_str()).collect()
+}
+
+#[test]
+fn ask_mode_with_a_remote_pdp_serve() {
+    let s = Scratch::new("pdp-ask");
+    let allowed = tcp_server("127.0.0.1:0").port();
+    let denied = tcp_server("127.0.0.1:0").port();
+    let allowed6 = tcp_server("[::1]:0").port();
+    let rego = s.write(
+        "policy.rego",
+        &format!(
+            "package pep\n\
+             default decision := false\n\
+             decision := {{\"allow\": true, \"ttl_s\": 2, \"reason\": \"listed\"}} if input.resource.dport in {{{allowed}, {allowed6}}}\n"
+        ),
+    );
+    let pdp = PdpServer::start(&rego);
+    // The probe reads the PDP's counter itself, so the PDP's own port is
+    // allowed by a compiled rule (and never asked about).
+    let p = policy_for(&s, &pdp.url(), "  cache_ttl_s: 60\n", Some(pdp.addr.port()));
+    let audit = s.dir.join("audit.jsonl");
+    let m = cmd(&["metrics", "127.0.0.1", &pdp.addr.port().to_string()]);
+    let (res, out) = probe(
+        &p,
+        &audit,
+        &[
+            m.clone(),                         // 0: n0
+            tcp("127.0.0.1", allowed),         // 1: asked, allowed, first try
+            m.clone(),                         // 2: n0 + 1
+            tcp("127.0.0.1", allowed),         // 3: from the cache
+            m.clone(),                         // 4: unchanged
+            tcp("127.0.0.1", denied),          // 5: asked, denied
+            m.clone(),                         // 6: + 1
+            tcp("127.0.0.1", denied),          // 7: cached deny: EPERM at once
+            cmd(&["tcpnb", "::1", &allowed6.to_string()]), // 8: IPv6, non-blocking, asked
+            m.clone(),                         // 9: + 1
+            cmd(&["sleep", "2.3"]),            // 10: past ttl_s 2
+            tcp("127.0.0.1", allowed),         // 11: asked again
+            m.clone(),                         // 12: + 1
+        ],
+    );
+    let ctx = describe(&out);
+    assert_eq!(res.len(), 13, "{ctx}");
+    let r = results(&res);
+    let n = |i: usize| -> u64 { r[i].parse().unwrap_or_else(|_| panic!("metric {i}: {}\n{ctx}", r[i])) };
+    assert_eq!(r[1], "OK", "allowed connect must succeed first try\n{ctx}");
+    assert_eq!(n(2), n(0) + 1, "one query for the first connect\n{ctx}");
+    assert_eq!(r[3], "OK", "{ctx}");
+    assert_eq!(n(4), n(2), "the second connect is served from the cache\n{ctx}");
+    assert_eq!(r[5], "ECONNABORTED", "denied connect fails with ECONNABORTED\n{ctx}");
+    assert!(res[5].1 < 1000, "deny must be prompt: {} ms\n{ctx}", res[5].1);
+    assert_eq!(r[7], "EPERM", "a cached deny fails at once\n{ctx}");
+    assert_eq!(r[8], "INPROGRESS_OK", "IPv6 non-blocking connect allowed\n{ctx}");
+    assert_eq!(n(9), n(6) + 1, "{ctx}");
+    assert_eq!(r[11], "OK", "{ctx}");
+    assert_eq!(n(12), n(9) + 1, "after the TTL a new query is made\n{ctx}");
+    assert_eq!(pdp.requests(), n(12), "{ctx}");
+
+    // The records: source pdp with the engine and the decision id, then cache.
+    let recs = read_audit(&audit);
+    let for_port = |port: u16| -> Vec<&serde_json::Value> {
+        recs.iter()
+            .filter(|r| r["net"]["dport"] == port && r["action"] == "net.connect")
+            .collect()
+    };
+    let a = for_port(allowed);
+    let sources: Vec<&str> = a.iter().filter_map(|r| r["source"].as_str()).collect();
+    assert_eq!(sources, ["pdp", "cache", "pdp"], "{a:#?}");
+    assert_eq!(a[0]["verdict"], "allow");
+    assert_eq!(a[0]["pdp"]["engine"], "opa");
+    assert!(a[0]["pdp"]["decision_id"].is_string(), "{:#}", a[0]);
+    assert!(a[0]["pdp"]["latency_us"].is_u64(), "{:#}", a[0]);
+    assert_eq!(a[1]["pdp"]["decision_id"], a[0]["pdp"]["decision_id"], "a cache hit names its decision");
+    let d = for_port(denied);
+    let dv: Vec<(&str, &str)> = d
+        .iter()
+        .map(|r| (r["source"].as_str().unwrap_or(""), r["verdict"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(dv, [("pdp", "deny"), ("cache", "deny")], "{d:#?}");
+}
+
+#[test]
+fn pdp_killed_each_on_unavailable_mode() {
+    let s = Scratch::new("pdp-down");
+    let port_a = tcp_server("127.0.0.1:0").port();
+    let port_b = tcp_server("127.0.0.1:0").port();
+    let dead = format!("http://127.0.0.1:{}/v1/data/pep/decision", dead_port());
+    let audit = s.dir.join("audit.jsonl");
+
+    let p = policy_for(&s, &dead, "  on_unavailable: deny\n", None);
+    let (res, out) = probe(&p, &audit, &[tcp("127.0.0.1", port_a)]);
+    assert_eq!(results(&res), ["ECONNABORTED"], "deny\n{}", describe(&out));
+    assert!(res[0].1 < 1500, "no hang: {} ms", res[0].1);
+
+    let p = policy_for(&s, &dead, "  on_unavailable: allow\n", None);
+    let (res, out) = probe(&p, &audit, &[tcp("127.0.0.1", port_a)]);
+    assert_eq!(results(&res), ["OK"], "allow\n{}", describe(&out));
+    assert!(res[0].1 < 1500, "no hang: {} ms", res[0].1);
+
+    // stale: a verdict cached while the PDP was up is served after its TTL
+    // once the PDP is killed; a destination never asked is denied.
+    let rego = s.write(
+        "p.rego",
+        "package pep\ndecision := {\"allow\": true, \"ttl_s\": 1}\n",
+    );
+    let pdp = PdpServer::start(&rego);
+    let p = policy_for(&s, &pdp.url(), "  on_unavailable: stale\n  stale_window_s: 60\n", None);
+    let _ = std::fs::remove_file(&audit);
+    let (res, out) = probe(
+        &p,
+        &audit,
+        &[
+            tcp("127.0.0.1", port_a),
+            cmd(&["kill", &pdp.pid().to_string()]),
+            cmd(&["sleep", "1.3"]),
+            tcp("127.0.0.1", port_a),
+            tcp("127.0.0.1", port_b),
+        ],
+    );
+    let ctx = describe(&out);
+    assert_eq!(results(&res), ["OK", "OK", "OK", "OK", "ECONNABORTED"], "stale\n{ctx}");
+    let recs = read_audit(&audit);
+    let stale = recs
+        .iter()
+        .filter(|r| r["net"]["dport"] == port_a)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no second record for port a: {recs:#?}"));
+    assert_eq!(stale["source"], "cache", "{stale:#}");
+    assert_eq!(stale["pdp"]["stale"], true, "{stale:#}");
+}
+
+#[test]
+fn pdp_slower_than_its_timeout_does_not_hang() {
+    let s = Scratch::new("pdp-slow");
+    let port = tcp_server("127.0.0.1:0").port();
+    let slow = fake_opa(Duration::from_secs(3), |_| r#"{"result": true}"#.into());
+    let url = format!("http://{}/v1/data/pep/decision", slow.addr);
+    let audit = s.dir.join("audit.jsonl");
+    for (mode, want) in [("deny", "ECONNABORTED"), ("allow", "OK")] {
+        let p = policy_for(&s, &url, &format!("  on_unavailable: {mode}\n"), None);
+        let (res, out) = probe(&p, &audit, &[tcp("127.0.0.1", port), cmd(&["tcpnb", "127.0.0.1", &port.to_string()])]);
+        let ctx = describe(&out);
+        let r = results(&res);
+        assert_eq!(r[0], want, "{mode}\n{ctx}");
+        let nb_want = if want == "OK" { "INPROGRESS_OK" } else { want };
+        assert_eq!(r[1], nb_want, "{mode}, non-blocking\n{ctx}");
+        for (x, ms) in &res {
+            // timeout_ms is 200: the connect ends well before the PDP answers.
+            assert!(*ms < 1500, "{mode}: {x} took {ms} ms\n{ctx}");
+        }
+    }
+    assert!(slow.requests.load(Ordering::SeqCst) >= 1);
+}
+
+#[test]
+fn opa_answer_shapes() {
+    let s = Scratch::new("pdp-shapes");
+    let ports: Vec<u16> = (0..5).map(|_| tcp_server("127.0.0.1:0").port()).collect();
+    let bodies: HashMap<u64, String> = [
+        r#"{"result": true, "decision_id": "d-bool"}"#,
+        r#"{"result": {"allow": true, "ttl_s": 30, "reason": "ok"}, "decision_id": "d-obj"}"#,
+        r#"{}"#,
+        r#"{"result": {"allow": false, "reason": "nope"}}"#,
+        r#"{"result": "yes"}"#,
+    ]
+    .iter()
+    .zip(&ports)
+    .map(|(b, p)| (u64::from(*p), b.to_string()))
+    .collect();
+    let bodies = Mutex::new(bodies);
+    let opa = fake_opa(Duration::ZERO, move |dport| {
+        bodies.lock().expect("lock").get(&dport).cloned().unwrap_or_else(|| "{}".into())
+    });
+    let url = format!("http://{}/v1/data/pep/decision", opa.addr);
+    let p = policy_for(&s, &url, "", None);
+    let audit = s.dir.join("audit.jsonl");
+    let cmds: Vec<Vec<String>> = ports.iter().map(|p| tcp("127.0.0.1", *p)).collect();
+    let (res, out) = probe(&p, &audit, &cmds);
+    let ctx = describe(&out);
+    assert_eq!(
+        results(&res),
+        ["OK", "OK", "ECONNABORTED", "ECONNABORTED", "ECONNABORTED"],
+        "boolean, object, undefined, object deny, bad shape\n{ctx}"
+    );
+    let recs = read_audit(&audit);
+    let rec = |port: u16| {
+        recs.iter()
+            .find(|r| r["net"]["dport"] == port)
+            .unwrap_or_else(|| panic!("no record for {port}: {recs:#?}"))
+    };
+    assert_eq!(rec(ports[0])["pdp"]["decision_id"], "d-bool");
+    assert_eq!(rec(ports[1])["pdp"]["ttl_s"], 30);
+    assert!(rec(ports[2])["pdp"]["error"].as_str().is_some_and(|e| e.contains("undefined")), "{:#}", rec(ports[2]));
+    assert_eq!(rec(ports[3])["pdp"]["reason"], "nope");
+    let bad = rec(ports[4]);
+    assert_eq!(bad["verdict"], "deny");
+    assert!(bad["pdp"]["error"].as_str().is_some_and(|e| e.contains("a string")), "says why: {bad:#}");
+}
+
+#[test]
+fn udp_miss_fails_now_then_the_answer_is_cached() {
+    let s = Scratch::new("pdp-udp");
+    let port = udp_server("127.0.0.1:0").port();
+    let opa = fake_opa(Duration::ZERO, |_| r#"{"result": true}"#.into());
+    let url = format!("http://{}/v1/data/pep/decision", opa.addr);
+    let p = policy_for(&s, &url, "", None);
+    let audit = s.dir.join("audit.jsonl");
+    let u = cmd(&["udp", "127.0.0.1", &port.to_string()]);
+    let (res, out) = probe(&p, &audit, &[u.clone(), cmd(&["sleep", "0.3"]), u.clone(), u]);
+    assert_eq!(results(&res), ["EPERM", "OK", "OK", "OK"], "{}", describe(&out));
+    assert_eq!(opa.requests.load(Ordering::SeqCst), 1, "asked once");
+}
+
+#[test]
+fn policy_eval_and_check() {
+    let s = Scratch::new("pdp-eval");
+    let rego = s.write(
+        "p.rego",
+        "package pep\ndefault decision := false\ndecision if input.resource.dport == 443\n",
+    );
+    let eval = |file: &Path, input: &str| {
+        Command::new(pep_agent_bin())
+            .args(["policy", "eval"])
+            .arg(file)
+            .args(["--input", input])
+            .output()
+            .expect("policy eval")
+    };
+    let out = eval(&rego, r#"{"action": "net.connect", "resource": {"dport": 443}}"#);
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!((v["allow"].clone(), v["engine"].clone()), (true.into(), "rego".into()), "{v}");
+    let yaml = s.write(
+        "p.yaml",
+        &format!(
+            "apiVersion: pep/v1\nnetwork:\n  default: ask\npdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n",
+            rego.display()
+        ),
+    );
+    let out = eval(&yaml, r#"{"action": "net.connect", "resource": {"dport": 22}}"#);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["allow"], false, "{v}");
+
+    // Invalid Rego: rejected with its location by `policy check`.
+    let bad = s.write("bad.rego", "package pep\n\ndecision if { input.x == == 1 }\n");
+    let yaml = s.write(
+        "bad.yaml",
+        &format!(
+            "apiVersion: pep/v1\nnetwork:\n  default: ask\npdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n",
+            bad.display()
+        ),
+    );
+    let out = Command::new(pep_agent_bin())
+        .args(["policy", "check"])
+        .arg(&yaml)
+        .output()
+        .expect("policy check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(err.contains("bad.rego:3:"), "location: {err}");
+
+    // A rules query of the wrong shape: rejected, located in the value.
+    let rules = s.write(
+        "rules.rego",
+        "package pep\nrules := {\"files\": {\"rules\": [{\"allow\": {\"pth\": \"/x\"}}]}}\ndecision := true\n",
+    );
+    let yaml = s.write(
+        "rules.yaml",
+        &format!(
+            "apiVersion: pep/v1\npdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n  rules: data.pep.rules\n",
+            rules.display()
+        ),
+    );
+    let out = Command::new(pep_agent_bin())
+        .args(["policy", "check"])
+        .arg(&yaml)
+        .output()
+        .expect("policy check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(err.contains("rules.rego:2:1") && err.contains("files.rules[0].allow"), "{err}");
+}
