@@ -3,10 +3,11 @@
 //! without root).
 
 use std::{
+    ffi::CString,
     io::{BufRead as _, BufReader, Write as _},
     os::{
         fd::{AsRawFd as _, OwnedFd},
-        unix::{net::UnixStream, process::CommandExt as _},
+        unix::{ffi::OsStrExt as _, net::UnixStream},
     },
     path::{Path, PathBuf},
     time::Duration,
@@ -92,10 +93,46 @@ pub fn report(resp: &Response, human: impl FnOnce(&serde_json::Value) -> Option<
     }
 }
 
+/// Waits for process `pid`; its status as a shell reports it.
+fn wait_pid(pid: u32) -> i32 {
+    let mut st = 0;
+    loop {
+        // SAFETY: waitpid(2) on our own child.
+        let rc = unsafe { libc::waitpid(pid as i32, &mut st, 0) };
+        if rc == pid as i32 {
+            break;
+        }
+        if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return 1;
+        }
+    }
+    if libc::WIFEXITED(st) {
+        libc::WEXITSTATUS(st)
+    } else if libc::WIFSIGNALED(st) {
+        128 + libc::WTERMSIG(st)
+    } else {
+        1
+    }
+}
+
+fn resolve_program(cmd: &str) -> Option<PathBuf> {
+    if cmd.contains('/') {
+        let p = PathBuf::from(cmd);
+        return p.is_file().then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
+}
+
 /// `sandbox list` as a table.
 pub fn list_table(data: &serde_json::Value) -> Option<String> {
     let list: Vec<SandboxInfo> = serde_json::from_value(data.clone()).ok()?;
-    let mut out = format!("{:<24} {:<8} {:<24} {:>6} {:<10} {}\n", "NAME", "OWNER", "POLICY", "PIDS", "GEN", "CGROUP");
+    let mut out = format!(
+        "{:<24} {:<8} {:<24} {:>6} {:<10} {}\n",
+        "NAME", "OWNER", "POLICY", "PIDS", "GEN", "CGROUP"
+    );
     for s in list {
         out.push_str(&format!(
             "{:<24} {:<8} {:<24} {:>6} {:<10} {}\n",
@@ -128,7 +165,10 @@ pub struct DaemonRun {
 /// is deleted (the daemon also removes it by itself once empty). Returns
 /// the command's exit status as a shell reports it.
 pub async fn run_via_daemon(opts: DaemonRun) -> anyhow::Result<i32> {
-    let cmd0 = opts.cmd.first().ok_or_else(|| anyhow::anyhow!("no command given after --"))?;
+    let cmd0 = opts
+        .cmd
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no command given after --"))?;
     let policy = match std::fs::canonicalize(&opts.policy) {
         Ok(p) if p.is_file() => p.display().to_string(),
         _ => opts.policy.clone(),
@@ -140,18 +180,39 @@ pub async fn run_via_daemon(opts: DaemonRun) -> anyhow::Result<i32> {
             .unwrap_or_else(|| "run".into());
         let stem: String = stem
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .take(40)
             .collect();
         format!("{stem}-{}", std::process::id())
     });
+    let program = resolve_program(cmd0).ok_or_else(|| anyhow::anyhow!("{cmd0}: command not found"))?;
     let (gate_r, gate_w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (rfd, wfd) = (gate_r.as_raw_fd(), gate_w.as_raw_fd());
-    let mut command = std::process::Command::new(cmd0);
-    command.arg0(cmd0).args(&opts.cmd[1..]);
-    // SAFETY: only close(2), read(2) and _exit(2) between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
+    // Prepared before fork: the child makes only async-signal-safe calls.
+    let path = CString::new(program.as_os_str().as_bytes())?;
+    let argv: Vec<CString> = opts
+        .cmd
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()?;
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    // Not `Command::spawn`: it returns only once the child has exec'd, and
+    // ours must not exec before the daemon has placed it.
+    // SAFETY: fork(2); the child only calls close, read, execv and _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        anyhow::bail!("fork: {}", std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: async-signal-safe calls on buffers prepared before fork.
+        unsafe {
             // Our copy of the write end would keep the gate open forever
             // if the client died.
             libc::close(wfd);
@@ -160,14 +221,14 @@ pub async fn run_via_daemon(opts: DaemonRun) -> anyhow::Result<i32> {
                 // The client went away without releasing us: never exec.
                 libc::_exit(126);
             }
-            Ok(())
-        });
+            libc::close(rfd);
+            libc::execv(path.as_ptr(), argv_ptrs.as_ptr());
+            libc::_exit(127);
+        }
     }
-    let mut child = tokio::process::Command::from(command)
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("{cmd0}: {e}"))?;
     drop(gate_r);
-    let pid = child.id().ok_or_else(|| anyhow::anyhow!("the child has no pid"))?;
+    let pid = pid as u32;
+    let mut child = tokio::task::spawn_blocking(move || wait_pid(pid));
     let socket = opts.socket.clone();
     let req = Request::Create {
         name: name.clone(),
@@ -179,7 +240,7 @@ pub async fn run_via_daemon(opts: DaemonRun) -> anyhow::Result<i32> {
     let resp = tokio::task::spawn_blocking(move || call(&socket, &req)).await??;
     if !resp.ok {
         drop(gate_w); // the child sees EOF and exits without exec
-        let _ = child.wait().await;
+        let _ = child.await;
         anyhow::bail!(
             "the daemon refused the sandbox: {}: {}",
             resp.code.unwrap_or_default(),
@@ -193,23 +254,162 @@ pub async fn run_via_daemon(opts: DaemonRun) -> anyhow::Result<i32> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let status = tokio::select! {
-        st = child.wait() => st.ok(),
+        st = &mut child => st.ok(),
         _ = term.recv() => None,
         _ = int.recv() => None,
         _ = hup.recv() => None,
     };
     let socket = opts.socket.clone();
     let del = Request::Delete { name };
+    // Deleting the sandbox kills what is left in it.
     let _ = tokio::task::spawn_blocking(move || call(&socket, &del)).await;
     let code = match status {
-        Some(s) => {
-            use std::os::unix::process::ExitStatusExt as _;
-            s.code().or_else(|| s.signal().map(|n| 128 + n)).unwrap_or(1)
-        }
+        Some(code) => code,
         None => {
-            let _ = child.wait().await;
+            let _ = child.await;
             143
         }
     };
     Ok(code)
+}
+
+/// `pep-agent sandbox ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum SandboxCmd {
+    /// A new sandbox cgroup under a policy (a configured name, or for root a
+    /// file); with --pid, moves that process (yours) into it.
+    Create {
+        name: String,
+        #[arg(long)]
+        policy: String,
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long, value_parser = ["enforce", "audit"])]
+        mode: Option<String>,
+    },
+    /// Adopts an existing cgroup (--cgroup, e.g. a systemd unit's, or the
+    /// cgroup of --pid) as a sandbox; or moves --pid into sandbox NAME.
+    Attach {
+        name: String,
+        #[arg(long)]
+        policy: Option<String>,
+        #[arg(long, conflicts_with = "pid")]
+        cgroup: Option<PathBuf>,
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long, value_parser = ["enforce", "audit"])]
+        mode: Option<String>,
+    },
+    /// The sandboxes you may see (root: all).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a sandbox (a created cgroup is killed and removed; an
+    /// adopted one released).
+    Delete { name: String },
+    /// Reads the policies again and replaces them atomically (one sandbox,
+    /// or the config and all of them).
+    Reload { name: Option<String> },
+}
+
+fn policy_arg(p: String) -> String {
+    // A file is sent as its absolute path (the daemon has another cwd).
+    match std::fs::canonicalize(&p) {
+        Ok(abs) if abs.is_file() => abs.display().to_string(),
+        _ => p,
+    }
+}
+
+/// Runs a `sandbox` subcommand against the daemon; returns the exit status.
+pub fn sandbox_main(socket: &Path, cmd: SandboxCmd) -> i32 {
+    let mut table = false;
+    let req = match cmd {
+        SandboxCmd::Create {
+            name,
+            policy,
+            pid,
+            mode,
+        } => Request::Create {
+            name,
+            policy: policy_arg(policy),
+            pid,
+            mode,
+            ephemeral: false,
+        },
+        SandboxCmd::Attach {
+            name,
+            policy,
+            cgroup,
+            pid,
+            mode,
+        } => Request::Attach {
+            name,
+            policy: policy.map(policy_arg),
+            cgroup: cgroup.map(|c| std::fs::canonicalize(&c).unwrap_or(c)),
+            pid,
+            mode,
+        },
+        SandboxCmd::List { json } => {
+            table = !json;
+            Request::List
+        }
+        SandboxCmd::Delete { name } => Request::Delete { name },
+        SandboxCmd::Reload { name } => Request::Reload { name },
+    };
+    match call(socket, &req) {
+        Ok(resp) => report(&resp, |d| if table { list_table(d) } else { None }),
+        Err(e) => {
+            eprintln!("pep-agent: {e:#}");
+            2
+        }
+    }
+}
+
+/// `pep-agent status`: what the daemon has loaded, its sandboxes, counters.
+pub fn status_main(socket: &Path) -> i32 {
+    match call(socket, &Request::Status) {
+        Ok(resp) => report(&resp, |_| None),
+        Err(e) => {
+            eprintln!("pep-agent: {e:#}");
+            2
+        }
+    }
+}
+
+/// `pep-agent daemon [--config FILE] [--uninstall]`.
+pub fn daemon_main(config: Option<PathBuf>, uninstall: bool) -> i32 {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("pep-agent: the daemon needs root (it loads eBPF programs)");
+        return 2;
+    }
+    if uninstall {
+        return match crate::daemon::uninstall(config.as_deref()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("pep-agent: {e:#}");
+                1
+            }
+        };
+    }
+    // Multi-threaded: requests run their short blocking kernel calls in
+    // place while the audit, metrics and other clients' tasks go on.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pep-agent: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(crate::daemon::run(config)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("pep-agent: daemon: {e:#}");
+            1
+        }
+    }
 }

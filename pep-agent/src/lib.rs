@@ -10,6 +10,7 @@ pub mod audit;
 pub mod client;
 pub mod compiler;
 pub mod daemon;
+pub mod dns;
 pub mod ebpf;
 pub mod enforcer;
 pub mod kernel;

@@ -49,8 +49,37 @@ enum Cmd {
         allow_degraded: bool,
         #[command(flatten)]
         audit_opts: AuditArgs,
+        /// The daemon's control socket (default: $PEP_AGENT_SOCKET, else
+        /// /run/pep-agent/agent.sock). When a daemon answers there, the
+        /// sandbox is made through it (no root needed).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Never go through a running daemon.
+        #[arg(long)]
+        standalone: bool,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// The privileged host daemon: pinned programs, control socket, audit
+    /// stream, metrics; SIGHUP reloads (see docs/DAEMON.md).
+    Daemon {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Remove every sandbox and all pinned state, then exit.
+        #[arg(long)]
+        uninstall: bool,
+    },
+    /// Manage sandboxes in a running daemon.
+    Sandbox {
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: pep_agent::client::SandboxCmd,
+    },
+    /// What the daemon has loaded, its sandboxes and counters.
+    Status {
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// Policy files.
     Policy {
@@ -189,8 +218,44 @@ fn main() -> ExitCode {
             user,
             allow_degraded,
             audit_opts,
+            socket,
+            standalone,
             cmd,
         } => {
+            let socket = socket.unwrap_or_else(pep_agent::client::default_socket);
+            // Through the daemon when one answers, unless asked otherwise
+            // or when root asks for what only a standalone run does.
+            let root_only = nix::unistd::geteuid().is_root() && (audit.is_some() || user.is_some());
+            if !standalone && !root_only && pep_agent::client::daemon_answers(&socket) {
+                if audit.is_some() {
+                    eprintln!("pep-agent: note: through the daemon, records go to the daemon's audit log");
+                }
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        eprintln!("pep-agent: {e}");
+                        return ExitCode::from(1);
+                    }
+                };
+                let run = pep_agent::client::DaemonRun {
+                    socket,
+                    policy: policy.display().to_string(),
+                    name,
+                    mode: mode.map(|m| match m {
+                        ModeArg::Enforce => "enforce".to_string(),
+                        ModeArg::Audit => "audit".to_string(),
+                    }),
+                    cmd,
+                };
+                let code = match rt.block_on(pep_agent::client::run_via_daemon(run)) {
+                    Ok(status) => status,
+                    Err(e) => {
+                        eprintln!("pep-agent: {e:#}");
+                        1
+                    }
+                };
+                return ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1));
+            }
             let opts = RunOptions {
                 policy,
                 name,
@@ -273,6 +338,13 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Doctor => doctor(),
+        Cmd::Daemon { config, uninstall } => pep_agent::client::daemon_main(config, uninstall),
+        Cmd::Sandbox { socket, cmd } => {
+            pep_agent::client::sandbox_main(&socket.unwrap_or_else(pep_agent::client::default_socket), cmd)
+        }
+        Cmd::Status { socket } => {
+            pep_agent::client::status_main(&socket.unwrap_or_else(pep_agent::client::default_socket))
+        }
         Cmd::Policy {
             cmd: PolicyCmd::Eval { file, input, query },
         } => policy_eval(&file, &input, query.as_deref()),

@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod ask;
+pub mod dns;
 pub mod event;
 pub mod file;
 pub mod net;
@@ -28,4 +29,8 @@ mod pod {
     unsafe impl aya::Pod for crate::ask::VerdictEntry {}
     unsafe impl aya::Pod for crate::ask::AskSandbox {}
     unsafe impl aya::Pod for crate::ask::AskEvent {}
+    unsafe impl aya::Pod for crate::dns::DnsSteer {}
+    unsafe impl aya::Pod for crate::dns::DnsOrig {}
+    unsafe impl aya::Pod for crate::dns::LearnedKey {}
+    unsafe impl aya::Pod for crate::dns::LearnedEntry {}
 }

@@ -60,6 +60,10 @@ static PENDING: HashMap<u64, AskEvent> = HashMap::with_max_entries(16384, 0);
 #[map]
 static ASKS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
+/// Wake the reader for every ask: a held connect waits on it, so no
+/// batching of wakeups.
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
 /// Scratch space for building an event off the 512-byte stack.
 #[map]
 static ASK_SCRATCH: PerCpuArray<AskEvent> = PerCpuArray::with_max_entries(1, 0);
@@ -90,7 +94,7 @@ pub enum Miss {
 #[inline(always)]
 pub fn on_miss(ctx: &SockAddrContext, sb: &Sandbox, key: &VerdictKey) -> Miss {
     // SAFETY: plain data written whole by userspace.
-    let Some(cfg) = (unsafe { ASK_SANDBOXES.get(&sb.config.sandbox_id) }) else {
+    let Some(cfg) = (unsafe { ASK_SANDBOXES.get(sb.config.sandbox_id) }) else {
         return Miss::NotAsked;
     };
     if cfg.flags & ASK_FLAG_NET == 0 {
@@ -126,7 +130,7 @@ pub fn on_miss(ctx: &SockAddrContext, sb: &Sandbox, key: &VerdictKey) -> Miss {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
         ev.cookie = cookie;
         ev.disposition = ASK_HELD;
-        if PENDING.insert(&cookie, ev, 0).is_err() {
+        if PENDING.insert(cookie, ev, 0).is_err() {
             // Too many held connects: fail closed, now.
             audit::bump(COUNTER_ASK_LOST);
             return Miss::Reject;
@@ -139,7 +143,7 @@ pub fn on_miss(ctx: &SockAddrContext, sb: &Sandbox, key: &VerdictKey) -> Miss {
     } else {
         ASK_DENIED_NOW
     };
-    if ASKS.output::<AskEvent>(&*ev, 0).is_err() {
+    if ASKS.output::<AskEvent>(&*ev, BPF_RB_FORCE_WAKEUP).is_err() {
         audit::bump(COUNTER_ASK_LOST);
     }
     if audit_mode { Miss::Proceed } else { Miss::Reject }
@@ -153,7 +157,7 @@ pub fn ask_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(1) == TCP_CLOSE {
                 let cookie = cookie_of_ops(&ctx);
-                let _ = PENDING.remove(&cookie);
+                let _ = PENDING.remove(cookie);
             }
             1
         }
@@ -185,13 +189,13 @@ fn set_tcp_opt(ctx: &SockOpsContext, opt: i32, value: i32) {
 #[inline(always)]
 fn on_timeout_init(ctx: &SockOpsContext) -> u32 {
     let cookie = cookie_of_ops(ctx);
-    let Some(ev) = PENDING.get_ptr_mut(&cookie) else {
+    let Some(ev) = PENDING.get_ptr_mut(cookie) else {
         return 1;
     };
     // SAFETY: the map value stays valid for the program's run.
     let ev = unsafe { &mut *ev };
     // SAFETY: plain data written whole by userspace.
-    let syncnt = match unsafe { ASK_SANDBOXES.get(&ev.key.sandbox_id) } {
+    let syncnt = match unsafe { ASK_SANDBOXES.get(ev.key.sandbox_id) } {
         Some(cfg) if cfg.syncnt > 0 => cfg.syncnt,
         _ => pep_common::ask::DEFAULT_HOLD_SYNCNT,
     };
@@ -223,7 +227,7 @@ fn on_timeout_init(ctx: &SockOpsContext) -> u32 {
         }
         // local_port is in host order in bpf_sock_ops.
         ev.sport = ctx.local_port();
-        if ASKS.output::<AskEvent>(&*ev, 0).is_err() {
+        if ASKS.output::<AskEvent>(&*ev, BPF_RB_FORCE_WAKEUP).is_err() {
             // Nobody will answer: the hold ends when the SYN retries run out.
             audit::bump(COUNTER_ASK_LOST);
         }
@@ -248,7 +252,7 @@ pub fn ask_egress(ctx: SkBuffContext) -> i32 {
     // SAFETY: the skb context is a valid helper argument.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
     // SAFETY: only presence is read.
-    if unsafe { PENDING.get(&cookie) }.is_some() {
+    if unsafe { PENDING.get(cookie) }.is_some() {
         0
     } else {
         1

@@ -51,7 +51,7 @@ use pep_common::{
 
 use crate::{
     audit,
-    file::{EPERM, INODE_RULES, PATH_SCRATCH, answer, walk_keys},
+    file::{BEST, EPERM, INODE_RULES, PATH_SCRATCH, answer, walk_keys},
     kernel, sandbox, vfs,
 };
 
@@ -253,7 +253,18 @@ fn decide_exec(
     use_default: bool,
 ) -> ExecDecision {
     let sandbox_id = sb.config.sandbox_id;
-    let mut best: Option<(u32, u32)> = None;
+    let Some(slot) = BEST.get_ptr_mut(0) else {
+        return ExecDecision {
+            verdict: VERDICT_DENY,
+            source: SOURCE_DEFAULT,
+            rule: RULE_NONE,
+            path_len: u32::MAX,
+        };
+    };
+    // SAFETY: per-CPU scratch, valid for this run. The longest match is kept
+    // there (in `read_*`), not in registers: see `BEST`.
+    let slot = unsafe { &mut *slot };
+    slot.read_verdict = 0;
     let walked = if path_len.is_some() {
         walk_keys(buf, |kind, hash| {
             // SAFETY: plain data written whole by userspace.
@@ -264,13 +275,18 @@ fn decide_exec(
                     hash,
                 })
             } {
-                best = Some((v.verdict, v.rule));
+                (slot.read_verdict, slot.read_rule) = (v.verdict, v.rule);
             }
         })
     } else {
         None
     };
-    let path_len = if walked.is_some() { path_len.unwrap_or(u32::MAX) } else { u32::MAX };
+    let best = (slot.read_verdict != 0).then_some((slot.read_verdict, slot.read_rule));
+    let path_len = if walked.is_some() {
+        path_len.unwrap_or(u32::MAX)
+    } else {
+        u32::MAX
+    };
     if let Some((verdict, rule)) = best
         && verdict == VERDICT_DENY
     {
@@ -367,7 +383,11 @@ fn read_argv() -> (u32, u32) {
         // SAFETY: at most ARGV_LEN bytes at an offset below ARGV_LEN, inside
         // the 2 * ARGV_LEN scratch.
         let n = unsafe {
-            bpf_probe_read_user_str(out.add(off & ARGV_MASK) as *mut _, ARGV_LEN as u32, arg as *const _)
+            bpf_probe_read_user_str(
+                out.add(off & ARGV_MASK) as *mut _,
+                ARGV_LEN as u32,
+                arg as *const _,
+            )
         };
         if n <= 0 {
             break;

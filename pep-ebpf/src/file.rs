@@ -54,6 +54,12 @@ static FILE_RULES: HashMap<FileRuleKey, FileRuleValue> = HashMap::with_max_entri
 #[map]
 pub static INODE_RULES: HashMap<InodeKey, FileRuleValue> = HashMap::with_max_entries(65536, 0);
 
+/// The longest match so far per access (0: none), kept in a map rather than
+/// in registers: the verifier then sees one state per loop iteration instead
+/// of one per combination of matches so far.
+#[map]
+pub static BEST: PerCpuArray<FileRuleValue> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scratch for the resolved path: too big for the 512-byte stack.
 #[map]
 pub static PATH_SCRATCH: PerCpuArray<[u8; PATH_MAX_LEN]> = PerCpuArray::with_max_entries(1, 0);
@@ -233,13 +239,28 @@ pub fn walk_keys(buf: &[u8; PATH_MAX_LEN], mut visit: impl FnMut(u32, u64)) -> O
 #[inline(always)]
 fn match_path(sb: &sandbox::Sandbox, buf: &[u8; PATH_MAX_LEN], access: u32) -> (u32, u32, u32) {
     let sandbox_id = sb.config.sandbox_id;
-    let mut best = Best::default();
+    let Some(best) = BEST.get_ptr_mut(0) else {
+        return (VERDICT_DENY, SOURCE_DEFAULT, RULE_NONE);
+    };
+    // SAFETY: per-CPU scratch, valid for this run.
+    let best = unsafe { &mut *best };
+    *best = FileRuleValue::default();
     let Some(name_h) = walk_keys(buf, |kind, hash| {
-        best.update(&FileRuleKey {
-            sandbox_id,
-            kind,
-            hash,
-        })
+        // SAFETY: plain data written whole by userspace.
+        if let Some(v) = unsafe {
+            FILE_RULES.get(FileRuleKey {
+                sandbox_id,
+                kind,
+                hash,
+            })
+        } {
+            if v.read_verdict != 0 {
+                (best.read_verdict, best.read_rule) = (v.read_verdict, v.read_rule);
+            }
+            if v.write_verdict != 0 {
+                (best.write_verdict, best.write_rule) = (v.write_verdict, v.write_rule);
+            }
+        }
     }) else {
         return (VERDICT_DENY, SOURCE_DEFAULT, RULE_NONE);
     };
@@ -260,12 +281,14 @@ fn match_path(sb: &sandbox::Sandbox, buf: &[u8; PATH_MAX_LEN], access: u32) -> (
         }
     }
     let default = sb.config.file_default;
-    let (rv, rr, rs) = best
-        .read
-        .map_or((default, RULE_NONE, SOURCE_DEFAULT), |(v, r)| (v, r, SOURCE_RULE));
-    let (wv, wr, ws) = best
-        .write
-        .map_or((default, RULE_NONE, SOURCE_DEFAULT), |(v, r)| (v, r, SOURCE_RULE));
+    let (rv, rr, rs) = match best.read_verdict {
+        0 => (default, RULE_NONE, SOURCE_DEFAULT),
+        v => (v, best.read_rule, SOURCE_RULE),
+    };
+    let (wv, wr, ws) = match best.write_verdict {
+        0 => (default, RULE_NONE, SOURCE_DEFAULT),
+        v => (v, best.write_rule, SOURCE_RULE),
+    };
     let (want_r, want_w) = (access & ACCESS_READ != 0, access & ACCESS_WRITE != 0);
     if want_w && wv == VERDICT_DENY {
         return (wv, ws, wr);
@@ -281,28 +304,6 @@ fn match_path(sb: &sandbox::Sandbox, buf: &[u8; PATH_MAX_LEN], access: u32) -> (
     }
     // Neither read nor write (e.g. O_PATH-like opens): nothing to decide.
     (VERDICT_ALLOW, SOURCE_DEFAULT, RULE_NONE)
-}
-
-/// Longest match so far, per access, as (verdict, rule index).
-#[derive(Default)]
-struct Best {
-    read: Option<(u32, u32)>,
-    write: Option<(u32, u32)>,
-}
-
-impl Best {
-    #[inline(always)]
-    fn update(&mut self, key: &FileRuleKey) {
-        // SAFETY: plain data written whole by userspace.
-        if let Some(v) = unsafe { FILE_RULES.get(key) } {
-            if v.read_verdict != 0 {
-                self.read = Some((v.read_verdict, v.read_rule));
-            }
-            if v.write_verdict != 0 {
-                self.write = Some((v.write_verdict, v.write_rule));
-            }
-        }
-    }
 }
 
 // The hooks that change the tree. Each one: an earlier program's denial

@@ -3,7 +3,12 @@
 //! yet). The verifier sees constants and checks every dereference against the
 //! real layout, so a wrong offset fails the load instead of reading garbage.
 
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
+use pep_common::event::{Ancestor, COMM_LEN, EventHeader, MAX_ANCESTORS};
 
 /// `offsetof(struct task_struct, real_parent)`.
 #[unsafe(no_mangle)]
@@ -48,21 +53,77 @@ static TASK_START_BOOTTIME: u64 = 0;
 #[unsafe(no_mangle)]
 static TASK_COMM: u64 = 0;
 
+/// A process's lineage as first read: process key, ppid, ancestors.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Lineage {
+    /// `bpf_get_current_pid_tgid()` of the thread it was read for: a task
+    /// struct reused by another thread does not match.
+    pid_tgid: u64,
+    start_ns: u64,
+    n_ancestors: u32,
+    _pad: u32,
+    ancestors: [Ancestor; MAX_ANCESTORS],
+}
+
+/// Lineage per thread, keyed by the task pointer. Walking the parent chain
+/// with probe reads costs about 400 ns a decision on the development machines;
+/// a hit here costs one lookup. The chain is the one seen at the thread's first
+/// decision: a process reparented later keeps reporting its original parent,
+/// as process caches of peers do. LRU: bounded, and an evicted entry is only
+/// re-read.
+#[map]
+static LINEAGE: LruHashMap<u64, Lineage> = LruHashMap::with_max_entries(16384, 0);
+
+/// Per-CPU scratch to build a Lineage (too big for comfort on the stack).
+#[map]
+static LINEAGE_SCRATCH: PerCpuArray<Lineage> = PerCpuArray::with_max_entries(1, 0);
+
 /// Fills the process key (`start_ns`), `ppid` and the bounded ancestry chain
 /// of an event header from the current task. Fields it cannot read stay 0.
 #[inline(always)]
-pub fn fill_lineage(h: &mut pep_common::event::EventHeader) {
-    use pep_common::event::{COMM_LEN, MAX_ANCESTORS};
+pub fn fill_lineage(h: &mut EventHeader) {
+    // SAFETY: plain helper call.
+    let task = unsafe { bpf_get_current_task() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: plain data written whole by this program.
+    if let Some(l) = unsafe { LINEAGE.get(&task) }
+        && l.pid_tgid == pid_tgid
+    {
+        copy_lineage(h, l);
+        return;
+    }
+    let Some(l) = LINEAGE_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch, valid for this run.
+    let l = unsafe { &mut *l };
+    read_lineage(task as *const u8, l);
+    l.pid_tgid = pid_tgid;
+    let _ = LINEAGE.insert(&task, &*l, 0);
+    copy_lineage(h, l);
+}
 
-    h.start_ns = 0;
-    h.ppid = 0;
-    h.n_ancestors = 0;
+#[inline(always)]
+fn copy_lineage(h: &mut EventHeader, l: &Lineage) {
+    h.start_ns = l.start_ns;
+    h.n_ancestors = l.n_ancestors;
     h._pad2 = 0;
-    // Zeroed first: the ring buffer memory is reused and must not leak old bytes.
+    h.ancestors = l.ancestors;
+    h.ppid = l.ancestors[0].pid;
+}
+
+/// Walks the parent chain of `task` with probe reads.
+#[inline(always)]
+fn read_lineage(task: *const u8, l: &mut Lineage) {
+    l.start_ns = 0;
+    l.n_ancestors = 0;
+    l._pad = 0;
+    // Zeroed first: the scratch is reused and must not leak old bytes.
     let mut i = 0;
     while i < MAX_ANCESTORS {
-        h.ancestors[i].pid = 0;
-        h.ancestors[i].comm = [0; COMM_LEN];
+        l.ancestors[i].pid = 0;
+        l.ancestors[i].comm = [0; COMM_LEN];
         i += 1;
     }
     let off_parent = global(&TASK_REAL_PARENT);
@@ -75,18 +136,16 @@ pub fn fill_lineage(h: &mut pep_common::event::EventHeader) {
     }
     // SAFETY: probe reads tolerate any address; a bad one yields an error.
     unsafe {
-        let task = bpf_get_current_task() as *const u8;
         // The process's start, not the thread's: every thread of a process
         // shares one key.
         if let Ok(leader) = bpf_probe_read_kernel(task.add(off_leader as usize) as *const *const u8) {
-            h.start_ns = bpf_probe_read_kernel(leader.add(off_start as usize) as *const u64).unwrap_or(0);
+            l.start_ns = bpf_probe_read_kernel(leader.add(off_start as usize) as *const u64).unwrap_or(0);
         }
         let mut t = task;
         let mut n = 0;
         // Bounded by MAX_ANCESTORS; stops at init (pid 1) or an unreadable link.
         while n < MAX_ANCESTORS {
-            let parent: *const u8 = match bpf_probe_read_kernel(t.add(off_parent as usize) as *const *const u8)
-            {
+            let parent: *const u8 = match bpf_probe_read_kernel(t.add(off_parent as usize) as *const *const u8) {
                 Ok(p) if !p.is_null() && p != t => p,
                 _ => break,
             };
@@ -94,18 +153,16 @@ pub fn fill_lineage(h: &mut pep_common::event::EventHeader) {
             if pid == 0 {
                 break;
             }
-            h.ancestors[n].pid = pid;
-            h.ancestors[n].comm =
-                bpf_probe_read_kernel(parent.add(off_comm as usize) as *const [u8; COMM_LEN])
-                    .unwrap_or([0; COMM_LEN]);
+            l.ancestors[n].pid = pid;
+            l.ancestors[n].comm = bpf_probe_read_kernel(parent.add(off_comm as usize) as *const [u8; COMM_LEN])
+                .unwrap_or([0; COMM_LEN]);
             n += 1;
             if pid == 1 {
                 break;
             }
             t = parent;
         }
-        h.n_ancestors = n as u32;
-        h.ppid = h.ancestors[0].pid;
+        l.n_ancestors = n as u32;
     }
 }
 

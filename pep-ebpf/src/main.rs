@@ -7,7 +7,8 @@
 //! - `exec`: BPF LSM hooks on exec and executable mappings;
 //! - `protect`: self-protection hooks, always on for sandboxed processes;
 //! - `vfs`: dentry-walk paths, inode identity, file system magic;
-//! - `ask`: the PDP verdict cache and held TCP connects (sock_ops, cgroup_skb).
+//! - `ask`: the PDP verdict cache and held TCP connects (sock_ops, cgroup_skb);
+//! - `dns`: steering DNS to the agent's resolver, and the addresses it learned.
 #![no_std]
 #![no_main]
 // `atomic_xadd` for the audit counters: `core::sync::atomic` offers no
@@ -17,6 +18,7 @@
 
 mod ask;
 mod audit;
+mod dns;
 mod exec;
 mod file;
 mod kernel;

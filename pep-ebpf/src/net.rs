@@ -28,7 +28,7 @@ use pep_common::{
 
 use crate::{
     ask::{self, Miss},
-    audit, sandbox,
+    audit, dns, sandbox,
 };
 use pep_common::ask::VerdictKey;
 
@@ -112,6 +112,19 @@ fn decide(
     let Some(sb) = sandbox::current() else {
         return REJECT;
     };
+    // DNS of a steered sandbox goes to the agent's resolver, which decides
+    // and records each name (issue 7, `dns.rs`).
+    if port == pep_common::dns::DNS_PORT
+        && dns::steer(
+            ctx,
+            sb.config.sandbox_id,
+            family,
+            &daddr,
+            family == AF_INET6 && matches!(dest, Dest::V4(_)),
+        )
+    {
+        return PROCEED;
+    }
     let sandbox_id = sb.config.sandbox_id.to_be_bytes();
     // The PDP cache key: IPv4-mapped destinations share their IPv4 entry.
     let mut ask_key = VerdictKey {
@@ -132,7 +145,19 @@ fn decide(
         }
         Dest::V6(addr) => NET_V6.get(Key::new(SANDBOX_PREFIX_BITS + 128, NetKeyV6 { sandbox_id, addr })),
     };
-    let (verdict, source, rule_idx) = match rules.and_then(|set| first_match(set, port, protocol as u8)) {
+    let (verdict, source, rule_idx) = match rules
+        .and_then(|set| first_match(set, port, protocol as u8))
+        // Addresses the resolver learned from allowed names decide where no
+        // CIDR rule matched (a CIDR deny beats a DNS answer; `dns.rs`).
+        .or_else(|| {
+            dns::learned(
+                sb.config.sandbox_id,
+                ask_key.family,
+                &ask_key.daddr,
+                port,
+                protocol as u8,
+            )
+        }) {
         Some((verdict, idx)) => (verdict, SOURCE_RULE, idx),
         // `network.default: ask`: the verdict cache, else the PDP.
         None => match ask::on_miss(ctx, &sb, &ask_key) {

@@ -64,7 +64,14 @@ fn deny(sb: &sandbox::Sandbox, op: u32, target_pid: u32, arg: u64, path_len: u32
         return -EPERM;
     };
     audit::emit(|ev: &mut SelfEvent| {
-        audit::fill_header(&mut ev.header, KIND_SELF, sb, VERDICT_DENY, SOURCE_DEFAULT, RULE_NONE);
+        audit::fill_header(
+            &mut ev.header,
+            KIND_SELF,
+            sb,
+            VERDICT_DENY,
+            SOURCE_DEFAULT,
+            RULE_NONE,
+        );
         ev.op = op;
         ev.target_pid = target_pid;
         ev.arg = arg;
@@ -92,9 +99,9 @@ pub fn deny_path(sb: &sandbox::Sandbox, op: u32, mnt: *const u8, dentry: *const 
 #[lsm(hook = "bpf")]
 pub fn bpf(ctx: LsmContext) -> i32 {
     let retval: i32 = if vfs::global(&BPF_HOOK_NARGS) == 4 {
-        ctx.arg(4)
+        bpf_retval_after_4(&ctx)
     } else {
-        ctx.arg(3)
+        bpf_retval_after_3(&ctx)
     };
     if retval != 0 {
         return retval;
@@ -104,6 +111,21 @@ pub fn bpf(ctx: LsmContext) -> i32 {
     };
     let cmd: i32 = ctx.arg(0);
     deny(&sb, SELF_BPF, 0, cmd as u64, u32::MAX)
+}
+
+/// The previous program's return value of the `bpf` hook with 3 parameters.
+/// Two functions, not one expression: LLVM would merge the two context reads
+/// into one at a computed offset, which the verifier refuses; this way the
+/// branch that does not apply to the running kernel is never verified.
+#[inline(never)]
+fn bpf_retval_after_3(ctx: &LsmContext) -> i32 {
+    ctx.arg(3)
+}
+
+/// As `bpf_retval_after_3`, for the 6.9+ hook with 4 parameters.
+#[inline(never)]
+fn bpf_retval_after_4(ctx: &LsmContext) -> i32 {
+    ctx.arg(4)
 }
 
 /// `task_kill(struct task_struct *p, struct kernel_siginfo *info, int sig,
@@ -209,8 +231,16 @@ pub fn kernel_module_request(ctx: LsmContext) -> i32 {
         None => return -EPERM,
     };
     // SAFETY: reads at most PATH_MAX_LEN bytes into the scratch.
-    let n = unsafe { bpf_probe_read_kernel_str(buf.as_mut_ptr() as *mut _, PATH_MAX_LEN as u32, name as *const _) };
-    deny(&sb, SELF_MODULE, 0, 0, if n > 0 { (n - 1) as u32 } else { u32::MAX })
+    let n = unsafe {
+        bpf_probe_read_kernel_str(buf.as_mut_ptr() as *mut _, PATH_MAX_LEN as u32, name as *const _)
+    };
+    deny(
+        &sb,
+        SELF_MODULE,
+        0,
+        0,
+        if n > 0 { (n - 1) as u32 } else { u32::MAX },
+    )
 }
 
 /// `task_alloc(struct task_struct *task, unsigned long clone_flags)`:

@@ -113,7 +113,10 @@ pub fn read_val<T: Copy + Default>(base: *const u8, off: usize) -> T {
 /// `path->mnt` and `path->dentry`.
 #[inline(always)]
 pub fn path_parts(path: *const u8) -> (*const u8, *const u8) {
-    (read_ptr(path, global(&PATH_MNT)), read_ptr(path, global(&PATH_DENTRY)))
+    (
+        read_ptr(path, global(&PATH_MNT)),
+        read_ptr(path, global(&PATH_DENTRY)),
+    )
 }
 
 /// `file->f_inode`.
@@ -172,8 +175,20 @@ pub const MAX_WALK_STEPS: u32 = (PATH_MAX_LEN / 2) as u32 + 8;
 /// Where the walk builds the path backwards, from offset `PATH_MAX_LEN` down.
 /// Twice the path size so that every masked write stays inside.
 const WALK_LEN: usize = 2 * PATH_MAX_LEN;
-const MASK: usize = PATH_MAX_LEN - 1;
 const _: () = assert!(PATH_MAX_LEN.is_power_of_two());
+
+/// `PATH_MAX_LEN - 1`, read through `mask()`. LLVM drops an `& MASK` that it
+/// can prove redundant from earlier comparisons, but the verifier may not have
+/// kept the same facts; a value loaded from a static stays opaque to LLVM and
+/// is a known constant to the verifier (read-only data), so the `and` stays
+/// and bounds every offset.
+static PATH_MASK: usize = PATH_MAX_LEN - 1;
+
+#[inline(always)]
+fn mask() -> usize {
+    // SAFETY: a valid static.
+    unsafe { core::ptr::read_volatile(&PATH_MASK) }
+}
 
 #[map]
 static WALK_SCRATCH: PerCpuArray<[u8; WALK_LEN]> = PerCpuArray::with_max_entries(1, 0);
@@ -188,123 +203,170 @@ pub fn copy(dst: *mut u8, src: *const u8, n: usize) {
     unsafe { generated::bpf_probe_read_kernel(dst as *mut _, n as u32, src as *const _) };
 }
 
+/// The walk's state between `bpf_loop` steps (per CPU: a program runs to
+/// completion on one CPU).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct WalkState {
+    // Kernel addresses, held as integers (a map value type must be `Sync`).
+    d: usize,
+    vfsmnt: usize,
+    mount: usize,
+    root_mnt: usize,
+    root_dentry: usize,
+    /// The path so far occupies `WALK_SCRATCH[pos..PATH_MAX_LEN]`.
+    pos: usize,
+    /// `WALK_RUNNING`, `WALK_DONE` or `WALK_FAILED`.
+    status: u64,
+}
+
+const WALK_RUNNING: u64 = 0;
+const WALK_DONE: u64 = 1;
+const WALK_FAILED: u64 = 2;
+
+#[map]
+static WALK_STATE: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
+
 /// Writes the path of `dentry` in mount `vfsmnt` into `out`, NUL-terminated,
 /// relative to the calling task's root. Returns the length (NUL excluded), or
 /// `None` when the path is longer than `PATH_MAX_LEN` (NUL included), deeper
-/// than `MAX_WALK_STEPS`, or cannot be read. The length comes back through
-/// the scratch map, so the verifier sees one unknown value whichever
-/// iteration the walk ended in, and verifies the caller once.
+/// than `MAX_WALK_STEPS`, or cannot be read.
+///
+/// The steps run under `bpf_loop` (5.17+): the verifier checks one step once,
+/// with its state unknown, instead of unrolling up to `MAX_WALK_STEPS`
+/// iterations times every branch of each (which exceeds its budget of one
+/// million instructions in `file_open`).
 #[inline(always)]
 pub fn dentry_path(vfsmnt: *const u8, dentry: *const u8, out: &mut [u8; PATH_MAX_LEN]) -> Option<u32> {
-    let scratch = WALK_SCRATCH.get_ptr_mut(0)?;
+    let scratch = WALK_SCRATCH.get_ptr_mut(0)? as *mut u8;
+    let st = WALK_STATE.get_ptr_mut(0)?;
     if vfsmnt.is_null() || dentry.is_null() {
         return None;
     }
-    let scratch = scratch as *mut u8;
     // SAFETY: plain helper call; the task pointer is only probe-read.
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let fs = read_ptr(task, global(&TASK_FS));
-    let root = fs.wrapping_add(global(&FS_ROOT));
     let (root_mnt, root_dentry) = if fs.is_null() {
         (core::ptr::null(), core::ptr::null())
     } else {
-        path_parts(root)
+        path_parts(fs.wrapping_add(global(&FS_ROOT)))
     };
-    let off_mount_mnt = global(&MOUNT_MNT);
-    let off_mnt_root = global(&VFSMOUNT_MNT_ROOT);
-    let off_mnt_parent = global(&MOUNT_MNT_PARENT);
-    let off_mountpoint = global(&MOUNT_MNT_MOUNTPOINT);
-    let off_parent = global(&DENTRY_D_PARENT);
-    let off_name = global(&DENTRY_D_NAME);
-    let off_len = off_name + global(&QSTR_LEN);
-    let off_name_ptr = off_name + global(&QSTR_NAME);
-
-    let mut vfsmnt = vfsmnt;
-    let mut mount = vfsmnt.wrapping_sub(off_mount_mnt);
-    let mut d = dentry;
-    // The path occupies scratch[pos..PATH_MAX_LEN].
-    let mut pos = PATH_MAX_LEN;
-    let mut done = false;
-    let mut step = 0;
-    // Bounded: MAX_WALK_STEPS iterations.
-    while step < MAX_WALK_STEPS {
-        step += 1;
-        if d == root_dentry && vfsmnt == root_mnt {
-            done = true;
-            break;
-        }
-        if d == read_ptr(vfsmnt, off_mnt_root) {
-            // At the root of this mount: continue at its mount point.
-            let parent = read_ptr(mount, off_mnt_parent);
-            if parent.is_null() || parent == mount {
-                // The global root.
-                done = true;
-                break;
-            }
-            d = read_ptr(mount, off_mountpoint);
-            mount = parent;
-            vfsmnt = parent.wrapping_add(off_mount_mnt);
-            continue;
-        }
-        let parent = read_ptr(d, off_parent);
-        if parent.is_null() {
-            break;
-        }
-        if parent == d {
-            // The root of a tree that is not mounted (e.g. a detached mount).
-            done = true;
-            break;
-        }
-        let len: u32 = read_val(d, off_len);
-        let name = read_ptr(d, off_name_ptr);
-        let len = len as usize;
-        // Room for "/" + name, and a NUL at the end: pos - len - 1 >= 1.
-        if len == 0 || name.is_null() || len + 2 > pos {
-            break;
-        }
-        let at = (pos - len) & MASK;
-        // SAFETY: `at` and `len` are below PATH_MAX_LEN, so the write stays
-        // inside the 2 * PATH_MAX_LEN scratch; the source is probe-read.
-        let rc = unsafe {
-            generated::bpf_probe_read_kernel(scratch.add(at) as *mut _, (len & MASK) as u32, name as *const _)
+    // SAFETY: per-CPU map value, ours for this run.
+    unsafe {
+        *st = WalkState {
+            d: dentry as usize,
+            vfsmnt: vfsmnt as usize,
+            mount: vfsmnt.wrapping_sub(global(&MOUNT_MNT)) as usize,
+            root_mnt: root_mnt as usize,
+            root_dentry: root_dentry as usize,
+            pos: PATH_MAX_LEN,
+            status: WALK_RUNNING,
         };
-        if rc != 0 {
-            break;
-        }
-        pos = pos - len - 1;
-        // SAFETY: pos < PATH_MAX_LEN after the check above.
-        unsafe { *scratch.add(pos & MASK) = b'/' };
-        d = parent;
+        generated::bpf_loop(
+            MAX_WALK_STEPS,
+            walk_step as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
+            0,
+        );
     }
-    if !done {
+    // SAFETY: as above.
+    let st = unsafe { &*st };
+    if st.status != WALK_DONE {
+        return None;
+    }
+    let mut pos = st.pos;
+    if pos == 0 || pos > PATH_MAX_LEN {
         return None;
     }
     if pos == PATH_MAX_LEN {
         // The root itself.
         pos -= 1;
         // SAFETY: inside the scratch.
-        unsafe { *scratch.add(pos & MASK) = b'/' };
+        unsafe { *scratch.add(pos & mask()) = b'/' };
     }
-    let n = (PATH_MAX_LEN - pos) & MASK;
+    let n = (PATH_MAX_LEN - pos) & mask();
     // SAFETY: n < PATH_MAX_LEN bytes into `out` of PATH_MAX_LEN; the source
     // is inside the scratch.
     let rc = unsafe {
         generated::bpf_probe_read_kernel(
             out.as_mut_ptr() as *mut _,
             n as u32,
-            scratch.add(pos & MASK) as *const _,
+            scratch.add(pos & mask()) as *const _,
         )
     };
-    out[n] = 0;
+    // SAFETY: n < PATH_MAX_LEN (a raw write: an index would need a bounds
+    // check, and the verifier rejects the panic path behind it).
+    unsafe { *out.as_mut_ptr().add(n) = 0 };
     if rc != 0 {
         return None;
     }
-    // Laundered through the scratch (see above).
-    let slot = scratch.wrapping_add(PATH_MAX_LEN) as *mut u32;
-    // SAFETY: 4 bytes inside the second half of the scratch, which the walk
-    // does not use.
-    unsafe {
-        core::ptr::write_volatile(slot, n as u32);
-        Some(core::ptr::read_volatile(slot))
+    Some(n as u32)
+}
+
+/// One step of `dentry_path`: `bpf_loop`'s callback. Returns 1 to stop.
+#[inline(never)]
+extern "C" fn walk_step(_index: u32, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(st) = WALK_STATE.get_ptr_mut(0) else {
+        return 1;
+    };
+    let Some(scratch) = WALK_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    let scratch = scratch as *mut u8;
+    // SAFETY: per-CPU map value, ours for this run.
+    let st = unsafe { &mut *st };
+    if st.d == st.root_dentry && st.vfsmnt == st.root_mnt {
+        st.status = WALK_DONE;
+        return 1;
     }
+    let (d, vfsmnt, mount) = (st.d as *const u8, st.vfsmnt as *const u8, st.mount as *const u8);
+    if d == read_ptr(vfsmnt, global(&VFSMOUNT_MNT_ROOT)) {
+        // At the root of this mount: continue at its mount point.
+        let parent = read_ptr(mount, global(&MOUNT_MNT_PARENT));
+        if parent.is_null() || parent == mount {
+            // The global root.
+            st.status = WALK_DONE;
+            return 1;
+        }
+        st.d = read_ptr(mount, global(&MOUNT_MNT_MOUNTPOINT)) as usize;
+        st.mount = parent as usize;
+        st.vfsmnt = parent.wrapping_add(global(&MOUNT_MNT)) as usize;
+        return 0;
+    }
+    let parent = read_ptr(d, global(&DENTRY_D_PARENT));
+    if parent.is_null() {
+        st.status = WALK_FAILED;
+        return 1;
+    }
+    if parent == d {
+        // The root of a tree that is not mounted (e.g. a detached mount).
+        st.status = WALK_DONE;
+        return 1;
+    }
+    let off_name = global(&DENTRY_D_NAME);
+    let len: u32 = read_val(d, off_name + global(&QSTR_LEN));
+    let name = read_ptr(d, off_name + global(&QSTR_NAME));
+    let len = len as usize & mask();
+    let pos = st.pos & (2 * PATH_MAX_LEN - 1);
+    // Room for "/" + name, and a NUL at the end: pos - len - 1 >= 1.
+    if len == 0 || name.is_null() || pos > PATH_MAX_LEN || len + 2 > pos {
+        st.status = WALK_FAILED;
+        return 1;
+    }
+    let at = (pos - len) & mask();
+    // SAFETY: `at` and `len` are below PATH_MAX_LEN, so the write stays
+    // inside the 2 * PATH_MAX_LEN scratch; the source is probe-read.
+    let rc = unsafe {
+        generated::bpf_probe_read_kernel(scratch.add(at) as *mut _, (len & mask()) as u32, name as *const _)
+    };
+    if rc != 0 {
+        st.status = WALK_FAILED;
+        return 1;
+    }
+    let pos = pos - len - 1;
+    // SAFETY: pos < PATH_MAX_LEN after the check above.
+    unsafe { *scratch.add(pos & mask()) = b'/' };
+    st.pos = pos;
+    st.d = parent as usize;
+    0
 }

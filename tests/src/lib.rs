@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests: the pep-agent binary, policy
 //! files, loopback servers, probes, and audit logs.
 
+/// A test's own `pep-agent daemon` (issue 6).
+pub mod daemon;
+
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, UdpSocket},

@@ -224,30 +224,36 @@ fn ask_mode_with_a_remote_pdp_serve() {
         &p,
         &audit,
         &[
-            m.clone(),                         // 0: n0
-            tcp("127.0.0.1", allowed),         // 1: asked, allowed, first try
-            m.clone(),                         // 2: n0 + 1
-            tcp("127.0.0.1", allowed),         // 3: from the cache
-            m.clone(),                         // 4: unchanged
-            tcp("127.0.0.1", denied),          // 5: asked, denied
-            m.clone(),                         // 6: + 1
-            tcp("127.0.0.1", denied),          // 7: cached deny: EPERM at once
+            m.clone(),                                     // 0: n0
+            tcp("127.0.0.1", allowed),                     // 1: asked, allowed, first try
+            m.clone(),                                     // 2: n0 + 1
+            tcp("127.0.0.1", allowed),                     // 3: from the cache
+            m.clone(),                                     // 4: unchanged
+            tcp("127.0.0.1", denied),                      // 5: asked, denied
+            m.clone(),                                     // 6: + 1
+            tcp("127.0.0.1", denied),                      // 7: cached deny: EPERM at once
             cmd(&["tcpnb", "::1", &allowed6.to_string()]), // 8: IPv6, non-blocking, asked
-            m.clone(),                         // 9: + 1
-            cmd(&["sleep", "2.3"]),            // 10: past ttl_s 2
-            tcp("127.0.0.1", allowed),         // 11: asked again
-            m.clone(),                         // 12: + 1
+            m.clone(),                                     // 9: + 1
+            cmd(&["sleep", "2.3"]),                        // 10: past ttl_s 2
+            tcp("127.0.0.1", allowed),                     // 11: asked again
+            m.clone(),                                     // 12: + 1
         ],
     );
     let ctx = describe(&out);
     assert_eq!(res.len(), 13, "{ctx}");
     let r = results(&res);
-    let n = |i: usize| -> u64 { r[i].parse().unwrap_or_else(|_| panic!("metric {i}: {}\n{ctx}", r[i])) };
+    let n = |i: usize| -> u64 {
+        r[i].parse()
+            .unwrap_or_else(|_| panic!("metric {i}: {}\n{ctx}", r[i]))
+    };
     assert_eq!(r[1], "OK", "allowed connect must succeed first try\n{ctx}");
     assert_eq!(n(2), n(0) + 1, "one query for the first connect\n{ctx}");
     assert_eq!(r[3], "OK", "{ctx}");
     assert_eq!(n(4), n(2), "the second connect is served from the cache\n{ctx}");
-    assert_eq!(r[5], "ECONNABORTED", "denied connect fails with ECONNABORTED\n{ctx}");
+    assert_eq!(
+        r[5], "ECONNABORTED",
+        "denied connect fails with ECONNABORTED\n{ctx}"
+    );
     assert!(res[5].1 < 1000, "deny must be prompt: {} ms\n{ctx}", res[5].1);
     assert_eq!(r[7], "EPERM", "a cached deny fails at once\n{ctx}");
     assert_eq!(r[8], "INPROGRESS_OK", "IPv6 non-blocking connect allowed\n{ctx}");
@@ -270,11 +276,19 @@ fn ask_mode_with_a_remote_pdp_serve() {
     assert_eq!(a[0]["pdp"]["engine"], "opa");
     assert!(a[0]["pdp"]["decision_id"].is_string(), "{:#}", a[0]);
     assert!(a[0]["pdp"]["latency_us"].is_u64(), "{:#}", a[0]);
-    assert_eq!(a[1]["pdp"]["decision_id"], a[0]["pdp"]["decision_id"], "a cache hit names its decision");
+    assert_eq!(
+        a[1]["pdp"]["decision_id"], a[0]["pdp"]["decision_id"],
+        "a cache hit names its decision"
+    );
     let d = for_port(denied);
     let dv: Vec<(&str, &str)> = d
         .iter()
-        .map(|r| (r["source"].as_str().unwrap_or(""), r["verdict"].as_str().unwrap_or("")))
+        .map(|r| {
+            (
+                r["source"].as_str().unwrap_or(""),
+                r["verdict"].as_str().unwrap_or(""),
+            )
+        })
         .collect();
     assert_eq!(dv, [("pdp", "deny"), ("cache", "deny")], "{d:#?}");
 }
@@ -304,7 +318,12 @@ fn pdp_killed_each_on_unavailable_mode() {
         "package pep\ndecision := {\"allow\": true, \"ttl_s\": 1}\n",
     );
     let pdp = PdpServer::start(&rego);
-    let p = policy_for(&s, &pdp.url(), "  on_unavailable: stale\n  stale_window_s: 60\n", None);
+    let p = policy_for(
+        &s,
+        &pdp.url(),
+        "  on_unavailable: stale\n  stale_window_s: 60\n",
+        None,
+    );
     let _ = std::fs::remove_file(&audit);
     let (res, out) = probe(
         &p,
@@ -318,7 +337,11 @@ fn pdp_killed_each_on_unavailable_mode() {
         ],
     );
     let ctx = describe(&out);
-    assert_eq!(results(&res), ["OK", "OK", "OK", "OK", "ECONNABORTED"], "stale\n{ctx}");
+    assert_eq!(
+        results(&res),
+        ["OK", "OK", "OK", "OK", "ECONNABORTED"],
+        "stale\n{ctx}"
+    );
     let recs = read_audit(&audit);
     let stale = recs
         .iter()
@@ -338,7 +361,14 @@ fn pdp_slower_than_its_timeout_does_not_hang() {
     let audit = s.dir.join("audit.jsonl");
     for (mode, want) in [("deny", "ECONNABORTED"), ("allow", "OK")] {
         let p = policy_for(&s, &url, &format!("  on_unavailable: {mode}\n"), None);
-        let (res, out) = probe(&p, &audit, &[tcp("127.0.0.1", port), cmd(&["tcpnb", "127.0.0.1", &port.to_string()])]);
+        let (res, out) = probe(
+            &p,
+            &audit,
+            &[
+                tcp("127.0.0.1", port),
+                cmd(&["tcpnb", "127.0.0.1", &port.to_string()]),
+            ],
+        );
         let ctx = describe(&out);
         let r = results(&res);
         assert_eq!(r[0], want, "{mode}\n{ctx}");
@@ -369,7 +399,12 @@ fn opa_answer_shapes() {
     .collect();
     let bodies = Mutex::new(bodies);
     let opa = fake_opa(Duration::ZERO, move |dport| {
-        bodies.lock().expect("lock").get(&dport).cloned().unwrap_or_else(|| "{}".into())
+        bodies
+            .lock()
+            .expect("lock")
+            .get(&dport)
+            .cloned()
+            .unwrap_or_else(|| "{}".into())
     });
     let url = format!("http://{}/v1/data/pep/decision", opa.addr);
     let p = policy_for(&s, &url, "", None);
@@ -390,11 +425,22 @@ fn opa_answer_shapes() {
     };
     assert_eq!(rec(ports[0])["pdp"]["decision_id"], "d-bool");
     assert_eq!(rec(ports[1])["pdp"]["ttl_s"], 30);
-    assert!(rec(ports[2])["pdp"]["error"].as_str().is_some_and(|e| e.contains("undefined")), "{:#}", rec(ports[2]));
+    assert!(
+        rec(ports[2])["pdp"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("undefined")),
+        "{:#}",
+        rec(ports[2])
+    );
     assert_eq!(rec(ports[3])["pdp"]["reason"], "nope");
     let bad = rec(ports[4]);
     assert_eq!(bad["verdict"], "deny");
-    assert!(bad["pdp"]["error"].as_str().is_some_and(|e| e.contains("a string")), "says why: {bad:#}");
+    assert!(
+        bad["pdp"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("a string")),
+        "says why: {bad:#}"
+    );
 }
 
 #[test]
@@ -429,7 +475,11 @@ fn policy_eval_and_check() {
     let out = eval(&rego, r#"{"action": "net.connect", "resource": {"dport": 443}}"#);
     assert!(out.status.success(), "{}", describe(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!((v["allow"].clone(), v["engine"].clone()), (true.into(), "rego".into()), "{v}");
+    assert_eq!(
+        (v["allow"].clone(), v["engine"].clone()),
+        (true.into(), "rego".into()),
+        "{v}"
+    );
     let yaml = s.write(
         "p.yaml",
         &format!(
@@ -478,5 +528,8 @@ fn policy_eval_and_check() {
         .expect("policy check");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    assert!(err.contains("rules.rego:2:1") && err.contains("files.rules[0].allow"), "{err}");
+    assert!(
+        err.contains("rules.rego:2:1") && err.contains("files.rules[0].allow"),
+        "{err}"
+    );
 }

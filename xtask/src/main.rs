@@ -2,6 +2,7 @@
 //! `cargo xtask test` runs every test (unit, host kernel as root, VM kernel
 //! with BPF LSM), `cargo xtask demo` runs the main job on an embedded default.
 
+mod bench;
 mod demo;
 mod lint;
 mod setup;
@@ -36,6 +37,12 @@ enum Cmd {
     Lint,
     /// Run the demo: an example policy enforced on real clients.
     Demo,
+    /// Run every benchmark; one table in bench/results/summary.md.
+    Bench {
+        /// A short run (under 5 minutes).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run a command inside the VM (debugging aid).
     VmRun {
         #[arg(long, default_value_t = 120)]
@@ -53,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { no_vm, only } => testrun::run(testrun::Options { vm: !no_vm, only }),
         Cmd::Lint => lint::run().map(|_| ()),
         Cmd::Demo => demo::run(),
+        Cmd::Bench { quick } => bench::run(quick),
         Cmd::VmRun { timeout, argv } => {
             setup::setup()?;
             let cmd = vm::VmCommand::new("vm-run", argv);

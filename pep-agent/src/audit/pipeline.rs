@@ -189,6 +189,9 @@ pub struct Pipeline {
     contexts: Option<ContextFn>,
     /// Records of PDP asks, and the origin of cached verdicts (issue 9).
     pdp_feed: Option<crate::pdp::task::PdpFeed>,
+    /// The resolver's `dns.query` records, and the names of the addresses
+    /// it learned, for `net.domain` (issue 7).
+    dns_feed: Option<crate::dns::DnsFeed>,
 }
 
 impl Pipeline {
@@ -221,6 +224,7 @@ impl Pipeline {
             totals: Totals::default(),
             contexts: None,
             pdp_feed: None,
+            dns_feed: None,
         })
     }
 
@@ -228,6 +232,27 @@ impl Pipeline {
     /// `source: cache` decisions with the PDP decision they came from.
     pub fn set_pdp_feed(&mut self, feed: crate::pdp::task::PdpFeed) {
         self.pdp_feed = Some(feed);
+    }
+
+    /// Takes the resolver's `dns.query` records (written at each `tick`,
+    /// like the PDP's) and names the learned addresses in `net` records.
+    pub fn set_dns_feed(&mut self, feed: crate::dns::DnsFeed) {
+        self.dns_feed = Some(feed);
+    }
+
+    /// Writes the resolver's pending records; like the PDP's, they are not
+    /// kernel decisions and stay out of the decisions accounting.
+    fn drain_dns(&mut self) -> std::io::Result<()> {
+        let mut recs = Vec::new();
+        if let Some(feed) = &mut self.dns_feed {
+            while let Some(r) = feed.try_next() {
+                recs.push(r);
+            }
+        }
+        for r in recs {
+            self.write(r)?;
+        }
+        Ok(())
     }
 
     /// Writes the PDP task's pending records. They are not kernel decision
@@ -244,6 +269,9 @@ impl Pipeline {
             let exe = record::read_exe(r.decision.header().pid);
             let mut rec = record::build(self.chain.clock(), &r.decision, &self.sctx, exe);
             rec.pdp = Some(r.pdp);
+            if let Some(feed) = &self.dns_feed {
+                feed.annotate(&r.decision, &mut rec);
+            }
             self.write(rec)?;
         }
         Ok(())
@@ -294,6 +322,8 @@ impl Pipeline {
         // PDP answers written before this event (a cache hit may follow its
         // own PDP decision within microseconds) keep their order.
         self.drain_pdp()?;
+        // So do the resolver's: a lookup comes before its connect.
+        self.drain_dns()?;
         if self.coalesce_ns > 0
             && let Some(key) = coalesce_key(&d)
         {
@@ -344,6 +374,9 @@ impl Pipeline {
         if let Some(feed) = &self.pdp_feed {
             rec.pdp = feed.annotate(d);
         }
+        if let Some(feed) = &self.dns_feed {
+            feed.annotate(d, &mut rec);
+        }
         self.totals.decisions_recorded += count.unwrap_or(1);
         self.write(rec)
     }
@@ -359,6 +392,7 @@ impl Pipeline {
     /// time `now_ns` (0 closes them all).
     pub fn tick(&mut self, now_ns: u64) -> std::io::Result<()> {
         self.drain_pdp()?;
+        self.drain_dns()?;
         if self.windows.is_empty() {
             return Ok(());
         }

@@ -150,10 +150,18 @@ mod tests {
         assert!(e.iter().all(|(k, _)| k.sandbox_id == 2));
         let d = p.exec.default.to_kernel();
         assert_eq!(lookup(&e, d, "/usr/bin/ls"), (VERDICT_ALLOW, 0));
-        assert_eq!(lookup(&e, d, "/usr/bin/nc"), (VERDICT_DENY, 1), "deny wins the tie");
+        assert_eq!(
+            lookup(&e, d, "/usr/bin/nc"),
+            (VERDICT_DENY, 1),
+            "deny wins the tie"
+        );
         assert_eq!(lookup(&e, d, "/usr/bin/sub/x"), (VERDICT_DENY, 3));
         assert_eq!(lookup(&e, d, "/tmp/nc"), (VERDICT_DENY, u32::MAX), "default");
-        assert_eq!(lookup(&e, d, "/usr/binx"), (VERDICT_DENY, u32::MAX), "not under /usr/bin");
+        assert_eq!(
+            lookup(&e, d, "/usr/binx"),
+            (VERDICT_DENY, u32::MAX),
+            "not under /usr/bin"
+        );
     }
 
     #[test]

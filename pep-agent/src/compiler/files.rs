@@ -148,7 +148,9 @@ pub fn inode_denies(
     };
     let mut budget = MAX_INODE_SCAN;
     for rule in files.rules.iter().filter(|r| r.verdict == Verdict::Deny) {
-        let FileTarget::Path(p) = &rule.target else { continue };
+        let FileTarget::Path(p) = &rule.target else {
+            continue;
+        };
         let path = Path::new(&p.path);
         if !p.prefix {
             if let Ok(meta) = std::fs::metadata(path) {
@@ -194,7 +196,9 @@ pub fn scan_linked(dir: &Path, budget: &mut usize, found: &mut impl FnMut(&Path,
                 return;
             }
             *budget -= 1;
-            let Ok(meta) = e.path().symlink_metadata() else { continue };
+            let Ok(meta) = e.path().symlink_metadata() else {
+                continue;
+            };
             if meta.is_dir() {
                 stack.push(e.path());
             } else if meta.is_file() && meta.nlink() > 1 {

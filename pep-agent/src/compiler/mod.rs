@@ -28,5 +28,5 @@ pub enum CompileError {
     #[error("{rule}: too many rules in one section (at most {max})")]
     TooManyRules { rule: String, max: usize },
 }
-pub mod files;
 pub mod exec;
+pub mod files;

@@ -115,6 +115,7 @@ fn section() -> impl Strategy<Value = NetworkSection> {
     let default = prop_oneof![Just(NetDefault::Allow), Just(NetDefault::Deny)];
     (default, prop::collection::vec(rule(), 0..=8)).prop_map(|(default, rules)| NetworkSection {
         default,
+        dns: Default::default(),
         rules: rules
             .into_iter()
             .enumerate()

@@ -99,7 +99,11 @@ pub fn owns_cgroup(peer: &Peer, path: &Path) -> Result<(), String> {
         return Ok(());
     }
     if meta.uid() != peer.uid {
-        return Err(format!("cgroup {} does not belong to uid {}", path.display(), peer.uid));
+        return Err(format!(
+            "cgroup {} does not belong to uid {}",
+            path.display(),
+            peer.uid
+        ));
     }
     let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
     for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {

@@ -172,7 +172,9 @@ impl Config {
         for (i, g) in self.grants.iter().enumerate() {
             for p in &g.policies {
                 if !self.policies.contains_key(p) {
-                    return Err(invalid(format!("grants[{i}]: no policy named `{p}` under `policies`")));
+                    return Err(invalid(format!(
+                        "grants[{i}]: no policy named `{p}` under `policies`"
+                    )));
                 }
             }
         }
@@ -220,6 +222,17 @@ mod tests {
         assert_eq!(c.granted("bob", 1001, &[]), ["agent"]);
         assert_eq!(c.granted("carol", 1002, &[("dev".into(), 50)]), ["agent"]);
         assert!(c.granted("carol", 1002, &[("ops".into(), 51)]).is_empty());
+    }
+
+    #[test]
+    fn the_packaged_sample_parses() {
+        let c = Config::parse(
+            include_str!("../../../packaging/daemon.yaml"),
+            Path::new("daemon.yaml"),
+        )
+        .expect("packaging/daemon.yaml");
+        assert_eq!(c.socket_mode, 0o666);
+        assert_eq!(c.pin_dir, Path::new(DEFAULT_PIN_DIR));
     }
 
     #[test]

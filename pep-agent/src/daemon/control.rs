@@ -63,15 +63,21 @@ impl Server {
         loop {
             line.clear();
             let limit = self.max_request as u64 + 1;
-            let n = match tokio::time::timeout(self.timeout, (&mut r).take(limit).read_until(b'\n', &mut line)).await {
-                Err(_) => return Ok(()), // idle too long
-                Ok(res) => res?,
-            };
+            let n =
+                match tokio::time::timeout(self.timeout, (&mut r).take(limit).read_until(b'\n', &mut line))
+                    .await
+                {
+                    Err(_) => return Ok(()), // idle too long
+                    Ok(res) => res?,
+                };
             if n == 0 {
                 return Ok(());
             }
             if line.last() != Some(&b'\n') && line.len() > self.max_request {
-                let resp = Response::err(proto::BAD_REQUEST, format!("request longer than {} bytes", self.max_request));
+                let resp = Response::err(
+                    proto::BAD_REQUEST,
+                    format!("request longer than {} bytes", self.max_request),
+                );
                 write_line(&mut w, &resp, self.timeout).await?;
                 return Ok(());
             }

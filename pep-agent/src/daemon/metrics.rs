@@ -14,7 +14,9 @@ use std::{
 use aya::maps::{Map, MapData, PerCpuArray};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
+};
 use hyper_util::rt::TokioIo;
 use pep_common::event::{COUNTER_CACHE_HIT, COUNTER_CACHE_MISS, COUNTER_DECISIONS, COUNTER_LOST};
 use prometheus_client::{
@@ -95,7 +97,11 @@ impl Metrics {
             decisions.clone(),
         );
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("control_requests", "Control socket requests by op and result", requests.clone());
+        registry.register(
+            "control_requests",
+            "Control socket requests by op and result",
+            requests.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register("reloads", "Policy reloads by result", reloads.clone());
         let reload_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
@@ -119,9 +125,17 @@ impl Metrics {
             kernel_decisions.counter.clone(),
         );
         let cache_hits = Mirror::new();
-        registry.register("cache_hits", "Verdict cache hits in the kernel", cache_hits.counter.clone());
+        registry.register(
+            "cache_hits",
+            "Verdict cache hits in the kernel",
+            cache_hits.counter.clone(),
+        );
         let cache_misses = Mirror::new();
-        registry.register("cache_misses", "Verdict cache misses in the kernel", cache_misses.counter.clone());
+        registry.register(
+            "cache_misses",
+            "Verdict cache misses in the kernel",
+            cache_misses.counter.clone(),
+        );
         let lost = Mirror::new();
         registry.register(
             "ringbuf_lost",
@@ -148,7 +162,10 @@ impl Metrics {
     /// Reads the kernel counters from the pinned `COUNTERS` map from now on.
     pub fn watch_counters(&self, pin_dir: &Path) {
         let path = pin_dir.join("maps/COUNTERS");
-        match MapData::from_pin(&path).map(Map::PerCpuArray).and_then(PerCpuArray::try_from) {
+        match MapData::from_pin(&path)
+            .map(Map::PerCpuArray)
+            .and_then(PerCpuArray::try_from)
+        {
             Ok(arr) => *self.counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(arr),
             Err(e) => tracing::warn!("metrics: {}: {e}", path.display()),
         }
@@ -177,7 +194,8 @@ impl Metrics {
             self.lost.update(sum(COUNTER_LOST));
         }
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

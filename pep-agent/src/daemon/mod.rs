@@ -55,12 +55,39 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 }
 
 fn load_enforcer(cfg: &Config) -> anyhow::Result<(Enforcer, pinned::Origin)> {
-    let try_lsm = cfg.lsm != LsmMode::Off;
+    let listed = std::fs::read_to_string("/sys/kernel/security/lsm")
+        .unwrap_or_default()
+        .trim()
+        .split(',')
+        .any(|l| l == "bpf");
+    let try_lsm = match cfg.lsm {
+        LsmMode::Off => false,
+        LsmMode::On => true,
+        LsmMode::Auto => listed,
+    };
+    if cfg.lsm == LsmMode::Auto && !listed {
+        tracing::warn!(
+            "BPF LSM is not in the kernel's LSM list: files/exec rules and self-protection are off"
+        );
+    }
+    let pinned_before = cfg.pin_dir.join("progs/connect4").exists();
     match Enforcer::load_pinned(&cfg.pin_dir, LoadOptions { lsm: try_lsm }) {
         Ok(r) => Ok(r),
-        Err(pinned::PinnedError::Enforcer(EnforcerError::LsmUnavailable { reason })) if cfg.lsm == LsmMode::Auto => {
+        Err(pinned::PinnedError::Enforcer(EnforcerError::LsmUnavailable { reason }))
+            if cfg.lsm == LsmMode::Auto =>
+        {
             tracing::warn!("BPF LSM unavailable ({reason}): files/exec rules and self-protection are off");
-            Ok(Enforcer::load_pinned(&cfg.pin_dir, LoadOptions { lsm: false })?)
+            // The first attempt pinned the network programs before the LSM
+            // ones failed: that is still this start's fresh load.
+            let (e, origin) = Enforcer::load_pinned(&cfg.pin_dir, LoadOptions { lsm: false })?;
+            Ok((
+                e,
+                if pinned_before {
+                    origin
+                } else {
+                    pinned::Origin::Fresh
+                },
+            ))
         }
         Err(e) => Err(e.into()),
     }

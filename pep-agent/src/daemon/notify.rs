@@ -29,7 +29,10 @@ fn send(path: &str, msg: &str) -> std::io::Result<()> {
 
 /// `RELOADING=1` must carry the monotonic time (systemd 253+).
 pub fn reloading() {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;

@@ -3,10 +3,10 @@
 use std::path::Path;
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: i128 = 0xcafe_4a11;
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| i128::from(s.filesystem_type().0) == BPF_FS_MAGIC)
 }
 
 /// Makes sure `pin_dir` can be created on a bpffs: when its nearest
@@ -34,7 +34,10 @@ pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
             )
         };
         if rc != 0 {
-            anyhow::bail!("mounting bpffs at /sys/fs/bpf: {}", std::io::Error::last_os_error());
+            anyhow::bail!(
+                "mounting bpffs at /sys/fs/bpf: {}",
+                std::io::Error::last_os_error()
+            );
         }
         tracing::info!("mounted bpffs at /sys/fs/bpf");
         return Ok(());

@@ -134,7 +134,8 @@ mod tests {
 
     #[test]
     fn round_trip_and_strictness() {
-        let r: Request = serde_json::from_str(r#"{"op":"create","name":"a","policy":"p","pid":5}"#).expect("create");
+        let r: Request =
+            serde_json::from_str(r#"{"op":"create","name":"a","policy":"p","pid":5}"#).expect("create");
         assert_eq!(r.op(), "create");
         let line = serde_json::to_string(&r).expect("ser");
         assert_eq!(serde_json::from_str::<Request>(&line).expect("de"), r);

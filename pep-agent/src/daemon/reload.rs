@@ -70,7 +70,8 @@ pub fn compile(
             crate::kernel::features::ENABLE_BPF_LSM
         ));
     }
-    let net = compiler::net::compile_network(&policy.network, id).map_err(|e| format!("{}: {e}", path.display()))?;
+    let net = compiler::net::compile_network(&policy.network, id)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let files = compiler::files::compile_files(&policy.files, id);
     let exec = compiler::exec::compile_exec(&policy.exec, id);
     let mut inodes = compiler::files::inode_denies(&policy.files, &files, id);

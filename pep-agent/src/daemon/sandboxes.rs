@@ -37,7 +37,10 @@ pub struct Fail {
 
 impl Fail {
     pub fn new(code: &'static str, msg: impl Into<String>) -> Self {
-        Self { code, msg: msg.into() }
+        Self {
+            code,
+            msg: msg.into(),
+        }
     }
 }
 
@@ -67,7 +70,10 @@ fn parse_mode(m: &Option<String>) -> Result<Option<Mode>, Fail> {
         None => Ok(None),
         Some("enforce") => Ok(Some(Mode::Enforce)),
         Some("audit") => Ok(Some(Mode::Audit)),
-        Some(o) => Err(Fail::new(proto::BAD_REQUEST, format!("mode {o:?}: enforce or audit"))),
+        Some(o) => Err(Fail::new(
+            proto::BAD_REQUEST,
+            format!("mode {o:?}: enforce or audit"),
+        )),
     }
 }
 
@@ -148,13 +154,22 @@ impl Core {
     /// again from their sources.
     pub fn adopt(&mut self) -> anyhow::Result<()> {
         let records = std::mem::take(&mut self.state.sandboxes);
-        let kernel: HashSet<u64> = self.enforcer.sandbox_entries()?.into_iter().map(|(id, _)| id).collect();
+        let kernel: HashSet<u64> = self
+            .enforcer
+            .sandbox_entries()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         for mut rec in records {
             let alive = std::fs::metadata(&rec.cgroup)
                 .map(|m| std::os::unix::fs::MetadataExt::ino(&m) == rec.cgroup_id)
                 .unwrap_or(false);
             if !alive {
-                tracing::warn!("sandbox {}: cgroup {} is gone; dropping it", rec.name, rec.cgroup.display());
+                tracing::warn!(
+                    "sandbox {}: cgroup {} is gone; dropping it",
+                    rec.name,
+                    rec.cgroup.display()
+                );
                 let _ = self.enforcer.remove_sandbox_entry(rec.cgroup_id);
                 continue;
             }
@@ -165,7 +180,14 @@ impl Core {
                     gid: 0,
                     pid: 0,
                 };
-                match reload::compile(&self.cfg, &rec.policy, &owner.home(), rec.mode, id, self.enforcer.lsm_enforced()) {
+                match reload::compile(
+                    &self.cfg,
+                    &rec.policy,
+                    &owner.home(),
+                    rec.mode(),
+                    id,
+                    self.enforcer.lsm_enforced(),
+                ) {
                     Ok(c) => {
                         reload::install(&mut self.enforcer, rec.cgroup_id, rec.level, &c)?;
                         rec.sandbox_id = id;
@@ -266,12 +288,20 @@ impl Core {
                     return Ok(PolicySource::Named(name.clone()));
                 }
             }
-            return Err(denied(format!("policy file {arg} is not granted to uid {}", peer.uid)));
+            return Err(denied(format!(
+                "policy file {arg} is not granted to uid {}",
+                peer.uid
+            )));
         }
         Err(Fail::new(proto::NOT_FOUND, format!("no policy named {arg}")))
     }
 
-    fn compile(&mut self, source: &PolicySource, owner_uid: u32, mode: Option<Mode>) -> Result<Compiled, Fail> {
+    fn compile(
+        &mut self,
+        source: &PolicySource,
+        owner_uid: u32,
+        mode: Option<Mode>,
+    ) -> Result<Compiled, Fail> {
         let id = self.state.alloc_id();
         let home = Peer {
             uid: owner_uid,
@@ -329,7 +359,10 @@ impl Core {
         let rel = self.cfg.cgroup_parent.join(name);
         let path = self.cg_root.join(&rel);
         if path.exists() {
-            return Err(Fail::new(proto::EXISTS, format!("cgroup {} exists", path.display())));
+            return Err(Fail::new(
+                proto::EXISTS,
+                format!("cgroup {} exists", path.display()),
+            ));
         }
         std::fs::create_dir_all(&path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
         let cg = cgroup::Cgroup::open(&self.cg_root, &path).map_err(failed)?;
@@ -341,7 +374,7 @@ impl Core {
             created: true,
             owner_uid: peer.uid,
             policy: source,
-            mode,
+            mode: super::state::mode_name(mode),
             sandbox_id: c.config.sandbox_id,
             revision: c.revision.clone(),
             ephemeral: ephemeral && pid.is_some(),
@@ -365,18 +398,27 @@ impl Core {
                 return Err(denied(format!("sandbox {name} belongs to uid {}", rec.owner_uid)));
             }
             let pid = pid.ok_or_else(|| {
-                Fail::new(proto::EXISTS, format!("sandbox {name} exists; give a pid to move into it"))
+                Fail::new(
+                    proto::EXISTS,
+                    format!("sandbox {name} exists; give a pid to move into it"),
+                )
             })?;
             authz::owns_pid(peer, pid).map_err(denied)?;
             std::fs::write(rec.cgroup.join("cgroup.procs"), pid.to_string())
                 .map_err(|e| failed(format!("moving pid {pid}: {e}")))?;
             return Ok(json!(self.info(&rec)));
         }
-        let policy = policy.ok_or_else(|| Fail::new(proto::BAD_REQUEST, "attach to a new sandbox needs a policy"))?;
+        let policy =
+            policy.ok_or_else(|| Fail::new(proto::BAD_REQUEST, "attach to a new sandbox needs a policy"))?;
         let target = match (&cgroup_path, pid) {
             (Some(p), _) => {
-                let p = if p.is_absolute() { p.clone() } else { self.cg_root.join(p) };
-                std::fs::canonicalize(&p).map_err(|e| Fail::new(proto::NOT_FOUND, format!("{}: {e}", p.display())))?
+                let p = if p.is_absolute() {
+                    p.clone()
+                } else {
+                    self.cg_root.join(p)
+                };
+                std::fs::canonicalize(&p)
+                    .map_err(|e| Fail::new(proto::NOT_FOUND, format!("{}: {e}", p.display())))?
             }
             (None, Some(pid)) => {
                 authz::owns_pid(peer, pid).map_err(denied)?;
@@ -392,11 +434,22 @@ impl Core {
                 self.cg_root.display()
             )));
         }
-        if let Some(s) = self.state.sandboxes.iter().find(|s| target.starts_with(&s.cgroup)) {
-            return Err(Fail::new(proto::EXISTS, format!("{} is inside sandbox {}", target.display(), s.name)));
+        if let Some(s) = self
+            .state
+            .sandboxes
+            .iter()
+            .find(|s| target.starts_with(&s.cgroup))
+        {
+            return Err(Fail::new(
+                proto::EXISTS,
+                format!("{} is inside sandbox {}", target.display(), s.name),
+            ));
         }
         if self.state.sandboxes.iter().any(|s| s.cgroup.starts_with(&target)) {
-            return Err(Fail::new(proto::EXISTS, format!("{} holds a sandbox", target.display())));
+            return Err(Fail::new(
+                proto::EXISTS,
+                format!("{} holds a sandbox", target.display()),
+            ));
         }
         authz::owns_cgroup(peer, &target).map_err(denied)?;
         let source = self.resolve_policy(peer, policy)?;
@@ -410,7 +463,7 @@ impl Core {
             created: false,
             owner_uid: peer.uid,
             policy: source,
-            mode,
+            mode: super::state::mode_name(mode),
             sandbox_id: c.config.sandbox_id,
             revision: c.revision.clone(),
             ephemeral: false,
@@ -447,7 +500,9 @@ impl Core {
         {
             tracing::warn!("sandbox {name}: detach: {e}");
         }
-        self.enforcer.remove_sandbox_entry(rec.cgroup_id).map_err(failed)?;
+        self.enforcer
+            .remove_sandbox_entry(rec.cgroup_id)
+            .map_err(failed)?;
         self.state.sandboxes.remove(idx);
         self.state.retire(rec.sandbox_id, &rec.name);
         self.save()?;
@@ -470,7 +525,9 @@ impl Core {
             .reloads
             .get_or_create(&super::metrics::ResultLabels { result: label.into() })
             .inc();
-        self.metrics.reload_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .reload_seconds
+            .observe(started.elapsed().as_secs_f64());
         res.map(|mut v| {
             v["seconds"] = json!(started.elapsed().as_secs_f64());
             v
@@ -487,7 +544,9 @@ impl Core {
                     return Err(denied("reloading every sandbox needs root"));
                 }
                 match &self.config_path {
-                    Some(p) => Config::load(p).map_err(|e| Fail::new(proto::INVALID_POLICY, e.to_string()))?,
+                    Some(p) => {
+                        Config::load(p).map_err(|e| Fail::new(proto::INVALID_POLICY, e.to_string()))?
+                    }
                     None => self.cfg.clone(),
                 }
             }
@@ -515,7 +574,7 @@ impl Core {
             }
             .home();
             let id = self.state.next_id.wrapping_add(compiled.len() as u32).max(1);
-            let c = reload::compile(&cfg, &rec.policy, &home, rec.mode, id, lsm)
+            let c = reload::compile(&cfg, &rec.policy, &home, rec.mode(), id, lsm)
                 .map_err(|e| Fail::new(proto::INVALID_POLICY, format!("sandbox {}: {e}", rec.name)))?;
             compiled.push((i, c));
         }
@@ -574,7 +633,12 @@ impl Core {
     fn status(&self) -> Value {
         let progs: Vec<String> = ["progs", "links"]
             .iter()
-            .flat_map(|d| std::fs::read_dir(self.cfg.pin_dir.join(d)).into_iter().flatten().flatten())
+            .flat_map(|d| {
+                std::fs::read_dir(self.cfg.pin_dir.join(d))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         let (decisions, lost) = self.enforcer.counters().unwrap_or((0, 0));

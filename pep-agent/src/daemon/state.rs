@@ -42,8 +42,8 @@ pub struct SandboxRecord {
     pub created: bool,
     pub owner_uid: u32,
     pub policy: PolicySource,
-    /// `mode` override given at create.
-    pub mode: Option<Mode>,
+    /// `mode` override given at create: `enforce` or `audit`.
+    pub mode: Option<String>,
     /// The current generation: the sandbox id its rules and events carry.
     pub sandbox_id: u32,
     pub revision: String,
@@ -137,4 +137,23 @@ pub fn save_lost_reported(state_dir: &Path, n: u64) -> std::io::Result<()> {
     let tmp = state_dir.join("audit-lost-reported.tmp");
     std::fs::write(&tmp, n.to_string())?;
     std::fs::rename(tmp, p)
+}
+
+impl SandboxRecord {
+    /// The `mode` override, parsed.
+    pub fn mode(&self) -> Option<Mode> {
+        match self.mode.as_deref() {
+            Some("audit") => Some(Mode::Audit),
+            Some("enforce") => Some(Mode::Enforce),
+            _ => None,
+        }
+    }
+}
+
+/// How a mode override is stored.
+pub fn mode_name(m: Option<Mode>) -> Option<String> {
+    m.map(|m| match m {
+        Mode::Enforce => "enforce".to_string(),
+        Mode::Audit => "audit".to_string(),
+    })
 }

@@ -14,8 +14,7 @@
 use std::{
     collections::HashSet,
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::{
         fd::{AsFd as _, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
@@ -195,6 +194,17 @@ impl Enforcer {
         for (name, attach_type) in NET_PROGRAMS.iter().zip(attach::NET_ATTACH_TYPES) {
             let path = pinned(dir, "progs", name);
             let fd = obj_get(&path).map_err(io_err(&path))?;
+            if matches!(op, attach::Op::Attach) {
+                // The kernel refuses a second copy of one program (EINVAL on
+                // recent kernels, EEXIST on older ones): ask what is there.
+                let id = prog_id(fd.as_fd()).map_err(io_err(&path))?;
+                if attached_ids(cg.as_fd(), attach_type)
+                    .map_err(io_err(cgroup_path))?
+                    .contains(&id)
+                {
+                    continue;
+                }
+            }
             match attach::cgroup(op, cg.as_fd(), fd.as_fd(), attach_type) {
                 Ok(()) => {}
                 Err(e) if matches!(op, attach::Op::Attach) && e.raw_os_error() == Some(libc::EEXIST) => {}
@@ -212,15 +222,22 @@ impl Enforcer {
 
     /// The sandbox entries in `SANDBOXES`.
     pub fn sandbox_entries(&self) -> Result<Vec<(u64, SandboxConfig)>, EnforcerError> {
-        let map = self.ebpf.map("SANDBOXES").ok_or(EnforcerError::NoMap("SANDBOXES"))?;
-        let sb: HashMap<&MapData, u64, SandboxConfig> = HashMap::try_from(map).map_err(map_err("SANDBOXES"))?;
+        let map = self
+            .ebpf
+            .map("SANDBOXES")
+            .ok_or(EnforcerError::NoMap("SANDBOXES"))?;
+        let sb: HashMap<&MapData, u64, SandboxConfig> =
+            HashMap::try_from(map).map_err(map_err("SANDBOXES"))?;
         Ok(sb.iter().filter_map(Result::ok).collect())
     }
 
     /// Removes the sandbox entry of cgroup `cgroup_id`: from the next hook on,
     /// its processes are outside every sandbox.
     pub fn remove_sandbox_entry(&mut self, cgroup_id: u64) -> Result<(), EnforcerError> {
-        let map = self.ebpf.map_mut("SANDBOXES").ok_or(EnforcerError::NoMap("SANDBOXES"))?;
+        let map = self
+            .ebpf
+            .map_mut("SANDBOXES")
+            .ok_or(EnforcerError::NoMap("SANDBOXES"))?;
         let mut sb: HashMap<&mut MapData, u64, SandboxConfig> =
             HashMap::try_from(map).map_err(map_err("SANDBOXES"))?;
         match sb.remove(&cgroup_id) {
@@ -273,7 +290,6 @@ impl Enforcer {
         n += gc_hash::<InodeKey, FileRuleValue>(self, "INODE_RULES", live, |k| k.sandbox_id)?;
         Ok(n)
     }
-
 }
 
 fn gc_hash<K: aya::Pod, V: aya::Pod>(
@@ -286,7 +302,11 @@ fn gc_hash<K: aya::Pod, V: aya::Pod>(
         return Ok(0);
     };
     let mut m: HashMap<&mut MapData, K, V> = HashMap::try_from(map).map_err(map_err(name))?;
-    let dead: Vec<K> = m.keys().filter_map(Result::ok).filter(|k| !live.contains(&id(k))).collect();
+    let dead: Vec<K> = m
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !live.contains(&id(k)))
+        .collect();
     let mut n = 0;
     for k in dead {
         n += usize::from(m.remove(&k).is_ok());
@@ -308,6 +328,70 @@ where
     })?;
     prog.try_into()
         .map_err(|source| EnforcerError::Program { name, source })
+}
+
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: bpf(2) with a valid, fully initialised attr of the given size;
+    // every pointer inside it points at memory that outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>() as libc::c_uint) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// The kernel id of a program (`BPF_OBJ_GET_INFO_BY_FD`).
+pub fn prog_id(prog: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // `struct bpf_prog_info` starts with `type`, then `id`.
+    let mut info = [0u32; 2];
+    let mut attr = InfoAttr {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info[1])
+}
+
+/// Ids of the programs attached to a cgroup for `attach_type` (`BPF_PROG_QUERY`).
+pub fn attached_ids(cgroup: std::os::fd::BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    #[repr(C)]
+    #[derive(Default)]
+    struct QueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    let mut ids = vec![0u32; 64];
+    let mut attr = QueryAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_PROG_QUERY, &mut attr)?;
+    ids.truncate(attr.prog_cnt.min(64) as usize);
+    Ok(ids)
 }
 
 /// `BPF_OBJ_GET`: a new fd on the object pinned at `path`.

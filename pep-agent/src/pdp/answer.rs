@@ -43,7 +43,10 @@ pub fn parse_result(result: Option<&Value>) -> Answer {
                 return Answer::deny_because("`result` object without `allow`: deny");
             };
             let Value::Bool(allow) = allow else {
-                return Answer::deny_because(format!("`result.allow` is {}, not a boolean: deny", kind(allow)));
+                return Answer::deny_because(format!(
+                    "`result.allow` is {}, not a boolean: deny",
+                    kind(allow)
+                ));
             };
             let ttl_s = match obj.get("ttl_s") {
                 None | Some(Value::Null) => None,
@@ -56,7 +59,10 @@ pub fn parse_result(result: Option<&Value>) -> Answer {
                     }
                 },
                 Some(v) => {
-                    return Answer::deny_because(format!("`result.ttl_s` is {}, not a number: deny", kind(v)));
+                    return Answer::deny_because(format!(
+                        "`result.ttl_s` is {}, not a number: deny",
+                        kind(v)
+                    ));
                 }
             };
             let reason = match obj.get("reason") {
@@ -136,7 +142,10 @@ mod tests {
     fn undefined_is_deny() {
         let (a, id) = parse_response(&json!({}));
         assert!(!a.allow);
-        assert!(a.error.as_deref().is_some_and(|e| e.contains("undefined")), "{a:?}");
+        assert!(
+            a.error.as_deref().is_some_and(|e| e.contains("undefined")),
+            "{a:?}"
+        );
         assert_eq!(id, None);
         let (a, id) = parse_response(&json!({"result": true, "decision_id": "d-1"}));
         assert!(a.allow);

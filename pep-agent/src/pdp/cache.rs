@@ -13,7 +13,10 @@ use super::kernel::AskMaps;
 
 /// Now, in the kernel's `bpf_ktime_get_boot_ns` time base.
 pub fn boot_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: a valid clock id and a valid out pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
@@ -61,7 +64,13 @@ pub fn net_key(sandbox_id: u32, op: u32, addr: IpAddr, dport: u16, protocol: u8)
 
 impl AskMaps {
     /// Caches `allow` for `key` until `ttl_s` from now, under `revision`.
-    pub fn put(&mut self, key: &VerdictKey, allow: bool, revision: u32, ttl_s: u64) -> Result<(), aya::maps::MapError> {
+    pub fn put(
+        &mut self,
+        key: &VerdictKey,
+        allow: bool,
+        revision: u32,
+        ttl_s: u64,
+    ) -> Result<(), aya::maps::MapError> {
         let entry = VerdictEntry {
             verdict: if allow { VERDICT_ALLOW } else { VERDICT_DENY },
             revision,

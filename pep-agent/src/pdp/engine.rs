@@ -12,11 +12,17 @@ pub fn build(policy: &Policy) -> Result<Arc<dyn Pdp>, String> {
     Ok(match cfg.engine {
         Engine::Builtin => Arc::new(Builtin::new(policy.clone())),
         Engine::Rego => {
-            let rego = cfg.rego.as_ref().ok_or("`engine: rego` needs `rego: { files: [...] }`")?;
+            let rego = cfg
+                .rego
+                .as_ref()
+                .ok_or("`engine: rego` needs `rego: { files: [...] }`")?;
             Arc::new(Rego::load(&rego.files, &rego.query).map_err(|e| e.to_string())?)
         }
         Engine::Opa => {
-            let opa = cfg.opa.as_ref().ok_or("`engine: opa` needs `opa: { url: ... }`")?;
+            let opa = cfg
+                .opa
+                .as_ref()
+                .ok_or("`engine: opa` needs `opa: { url: ... }`")?;
             Arc::new(Opa::new(opa).map_err(|e| e.to_string())?)
         }
     })

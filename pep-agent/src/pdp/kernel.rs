@@ -85,7 +85,10 @@ impl Enforcer {
             path: cgroup_path.display().to_string(),
             source,
         })?;
-        for (name, attach_type) in [(SOCK_OPS_PROGRAM, ATTACH_SOCK_OPS), (EGRESS_PROGRAM, ATTACH_EGRESS)] {
+        for (name, attach_type) in [
+            (SOCK_OPS_PROGRAM, ATTACH_SOCK_OPS),
+            (EGRESS_PROGRAM, ATTACH_EGRESS),
+        ] {
             let prog = self.ebpf.program(name).ok_or(EnforcerError::Program {
                 name,
                 source: ProgramError::UnexpectedProgramType,
@@ -132,7 +135,10 @@ impl Enforcer {
 
     /// Verdict-cache hits, misses and lost asks counted by the kernel.
     pub fn ask_counters(&self) -> Result<AskCounters, EnforcerError> {
-        let map = self.ebpf.map("COUNTERS").ok_or(EnforcerError::NoMap("COUNTERS"))?;
+        let map = self
+            .ebpf
+            .map("COUNTERS")
+            .ok_or(EnforcerError::NoMap("COUNTERS"))?;
         let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err("COUNTERS"))?;
         let sum = |i: u32| -> Result<u64, EnforcerError> {
             Ok(arr.get(&i, 0).map_err(map_err("COUNTERS"))?.iter().sum())

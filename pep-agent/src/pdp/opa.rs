@@ -60,7 +60,12 @@ impl Opa {
             let send = self.client.post(url).json(&body).timeout(left).send();
             match send.await {
                 Ok(resp) if resp.status().is_success() => {
-                    return match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), resp.json::<Value>()).await {
+                    return match tokio::time::timeout(
+                        deadline.saturating_duration_since(Instant::now()),
+                        resp.json::<Value>(),
+                    )
+                    .await
+                    {
                         Ok(Ok(v)) => Ok(v),
                         Ok(Err(e)) if e.is_timeout() => Err(PdpError::Timeout(self.timeout)),
                         // Not JSON: a shape problem, answered as deny by the caller.
@@ -129,8 +134,15 @@ mod tests {
 
     #[test]
     fn sibling_urls() {
-        let o = Opa::with_url("http://127.0.0.1:8181/v1/data/pep/decision", Duration::from_millis(5)).unwrap();
-        assert_eq!(o.sibling_url("data.pep.rules"), "http://127.0.0.1:8181/v1/data/pep/rules");
+        let o = Opa::with_url(
+            "http://127.0.0.1:8181/v1/data/pep/decision",
+            Duration::from_millis(5),
+        )
+        .unwrap();
+        assert_eq!(
+            o.sibling_url("data.pep.rules"),
+            "http://127.0.0.1:8181/v1/data/pep/rules"
+        );
     }
 
     #[tokio::test]
@@ -139,11 +151,17 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         drop(l);
-        let o = Opa::with_url(&format!("http://127.0.0.1:{port}/v1/data/pep/decision"), Duration::from_millis(300))
-            .unwrap();
+        let o = Opa::with_url(
+            &format!("http://127.0.0.1:{port}/v1/data/pep/decision"),
+            Duration::from_millis(300),
+        )
+        .unwrap();
         let t = Instant::now();
-        let err = o.decide(&json!({})).await.err().expect("must fail");
-        assert!(matches!(err, PdpError::Unavailable(_) | PdpError::Timeout(_)), "{err}");
+        let err = o.decide(&json!({})).await.expect_err("must fail");
+        assert!(
+            matches!(err, PdpError::Unavailable(_) | PdpError::Timeout(_)),
+            "{err}"
+        );
         assert!(t.elapsed() < Duration::from_millis(600), "{:?}", t.elapsed());
     }
 }

@@ -169,7 +169,11 @@ mod tests {
     #[test]
     fn invalid_rego_names_its_location() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let f = write(dir.path(), "bad.rego", "package pep\n\ndecision if { input.x == == 1 }\n");
+        let f = write(
+            dir.path(),
+            "bad.rego",
+            "package pep\n\ndecision if { input.x == == 1 }\n",
+        );
         let err = Rego::load(&[&f], "data.pep.decision").err().expect("must fail").0;
         assert!(err.contains("bad.rego:3:"), "{err}");
         assert!(!err.contains('\n'), "one line: {err}");

@@ -32,10 +32,16 @@ pub fn apply(policy: &mut Policy, sandbox: &str, home: &std::path::Path) -> Resu
     let input = json!({ "sandbox": { "name": sandbox } });
     let (origin, value) = match policy.pdp.engine {
         Engine::Rego => {
-            let rego = policy.pdp.rego.as_ref().ok_or("`pdp.rules` needs `pdp.rego.files`")?;
+            let rego = policy
+                .pdp
+                .rego
+                .as_ref()
+                .ok_or("`pdp.rules` needs `pdp.rego.files`")?;
             let engine = Rego::load(&rego.files, &query).map_err(|e| e.to_string())?;
             let origin = rule_origin(&rego.files, &query);
-            let v = engine.eval(&query, &input).map_err(|e| format!("{origin}: {e}"))?;
+            let v = engine
+                .eval(&query, &input)
+                .map_err(|e| format!("{origin}: {e}"))?;
             (origin, v)
         }
         Engine::Opa => {
@@ -43,7 +49,8 @@ pub fn apply(policy: &mut Policy, sandbox: &str, home: &std::path::Path) -> Resu
             let opa = Opa::new(cfg).map_err(|e| e.to_string())?;
             let url = opa.sibling_url(&query);
             // Load happens once, before anything runs: allow a few timeouts.
-            let opa = Opa::with_url(&url, Duration::from_millis(cfg.timeout_ms.max(1000))).map_err(|e| e.to_string())?;
+            let opa = Opa::with_url(&url, Duration::from_millis(cfg.timeout_ms.max(1000)))
+                .map_err(|e| e.to_string())?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -97,7 +104,9 @@ pub fn parse_sections(value: &Value, home: &std::path::Path) -> Result<Sections,
         ));
     };
     if let Some(k) = obj.keys().find(|k| !SECTIONS.contains(&k.as_str())) {
-        return Err(format!("at `{k}`: unknown section; a rules query gives only {SECTIONS:?}"));
+        return Err(format!(
+            "at `{k}`: unknown section; a rules query gives only {SECTIONS:?}"
+        ));
     }
     let mut doc = Emitter::default();
     doc.line("apiVersion: \"pep/v1\"".into(), String::new());
@@ -125,25 +134,35 @@ pub fn parse_sections(value: &Value, home: &std::path::Path) -> Result<Sections,
 
 fn short(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 60 { format!("{}...", &s[..60]) } else { s }
+    if s.len() > 60 {
+        format!("{}...", &s[..60])
+    } else {
+        s
+    }
 }
 
 /// `file:line:col` of rule `query`'s last component in `files`, best effort.
 fn rule_origin(files: &[std::path::PathBuf], query: &str) -> String {
     let rule = query.rsplit('.').next().unwrap_or(query);
     for f in files {
-        let Ok(text) = std::fs::read_to_string(f) else { continue };
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
         for (i, line) in text.lines().enumerate() {
             let t = line.trim_start();
             let starts = t.strip_prefix(rule).is_some_and(|rest| {
-                rest.starts_with([' ', ':', '=', '[', '{', '\t']) || rest.starts_with(" if") || rest.is_empty()
+                rest.starts_with([' ', ':', '=', '[', '{', '\t'])
+                    || rest.starts_with(" if")
+                    || rest.is_empty()
             });
             if starts {
                 return format!("{}:{}:{}", f.display(), i + 1, line.len() - t.len() + 1);
             }
         }
     }
-    files.first().map_or_else(|| query.to_owned(), |f| f.display().to_string())
+    files
+        .first()
+        .map_or_else(|| query.to_owned(), |f| f.display().to_string())
 }
 
 /// Writes a JSON value as block YAML, one node per line, remembering the
@@ -251,11 +270,21 @@ mod tests {
         let home = Path::new("/home/u");
         let e = parse_sections(&json!({"files": {"rules": [{"allow": {"pth": "/x"}}]}}), home).unwrap_err();
         assert!(e.contains("files.rules[0].allow"), "{e}");
-        let e = parse_sections(&json!({"files": {"rules": [{"allow": {"path": "/x", "access": ["exec"]}}]}}), home)
-            .unwrap_err();
+        let e = parse_sections(
+            &json!({"files": {"rules": [{"allow": {"path": "/x", "access": ["exec"]}}]}}),
+            home,
+        )
+        .unwrap_err();
         assert!(e.contains("files.rules[0].allow.access"), "{e}");
-        let e = parse_sections(&json!({"network": {"rules": [{"deny": {"cidr": "10.0.0.1/8"}}]}}), home).unwrap_err();
-        assert!(e.contains("network.rules[0].deny.cidr") && e.contains("host bits"), "{e}");
+        let e = parse_sections(
+            &json!({"network": {"rules": [{"deny": {"cidr": "10.0.0.1/8"}}]}}),
+            home,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("network.rules[0].deny.cidr") && e.contains("host bits"),
+            "{e}"
+        );
         let e = parse_sections(&json!({"pdp": {}}), home).unwrap_err();
         assert!(e.contains("unknown section"), "{e}");
         let e = parse_sections(&json!([1]), home).unwrap_err();

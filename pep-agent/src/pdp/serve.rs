@@ -19,7 +19,9 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
+};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
@@ -56,7 +58,10 @@ pub async fn serve(files: &[PathBuf], listen: &str) -> anyhow::Result<()> {
         let st = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(st.clone(), req));
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
                 tracing::debug!("connection: {e}");
             }
         });
@@ -80,13 +85,22 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<
         (&Method::GET, "/metrics") => Ok(Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
             .header("x-pep-requests", seen().to_string())
-            .body(Full::new(Bytes::from(format!("pep_pdp_requests_total {}\n", seen()))))
+            .body(Full::new(Bytes::from(format!(
+                "pep_pdp_requests_total {}\n",
+                seen()
+            ))))
             .expect("static response parts are valid")),
         (&Method::POST, p) if p == "/v1/data" || p.starts_with("/v1/data/") => {
             let n = st.requests.fetch_add(1, Ordering::SeqCst) + 1;
             let body = match req.into_body().collect().await {
                 Ok(b) => b.to_bytes(),
-                Err(e) => return Ok(reply(StatusCode::BAD_REQUEST, &error("invalid_parameter", &e.to_string()), n)),
+                Err(e) => {
+                    return Ok(reply(
+                        StatusCode::BAD_REQUEST,
+                        &error("invalid_parameter", &e.to_string()),
+                        n,
+                    ));
+                }
             };
             let input = if body.iter().all(u8::is_ascii_whitespace) {
                 Value::Null
@@ -119,10 +133,18 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<
                     n,
                 ),
                 Ok(None) => reply(StatusCode::OK, &json!({}), n),
-                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, &error("internal_error", &e.0), n),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &error("internal_error", &e.0),
+                    n,
+                ),
             })
         }
-        _ => Ok(reply(StatusCode::NOT_FOUND, &error("resource_not_found", &path), seen())),
+        _ => Ok(reply(
+            StatusCode::NOT_FOUND,
+            &error("resource_not_found", &path),
+            seen(),
+        )),
     }
 }
 

@@ -81,3 +81,24 @@ pub fn start(
     };
     Ok(task::spawn(settings, maps, asks, tx, origins, stop))
 }
+
+/// Logs (info) the kernel-miss-to-verdict-in-map times of a run: n, p50,
+/// p99, max in µs. `PEP_LOG=info` shows it; the PDP benchmark reads it.
+pub fn report(task: &AskTask) {
+    let all = task.verdict_latencies_us();
+    if all.is_empty() {
+        return;
+    }
+    let stats = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        (q(0.5), q(0.99), v[v.len() - 1])
+    };
+    let (k50, k99, kmax) = stats(all.iter().map(|x| x.0).collect());
+    let (u50, u99, umax) = stats(all.iter().map(|x| x.1).collect());
+    tracing::info!(
+        "pdp: miss-to-verdict n={} p50_us={k50} p99_us={k99} max_us={kmax}; \
+         in userspace (event read to verdict written) p50_us={u50} p99_us={u99} max_us={umax}",
+        all.len()
+    );
+}

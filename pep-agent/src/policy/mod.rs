@@ -11,6 +11,7 @@
 //! hand, so `${var}` may be used before `vars:` appears in the file.
 
 mod de;
+mod dns;
 mod domain;
 mod error;
 mod exec;
@@ -34,6 +35,7 @@ use sha2::{Digest, Sha256};
 
 use pep_common::sandbox::{MODE_AUDIT, MODE_ENFORCE};
 
+pub use dns::{DEFAULT_DNS_MAX_TTL_S, DEFAULT_DNS_MIN_TTL_S, DnsSettings};
 pub use domain::DomainPattern;
 pub use error::{Location, PolicyError};
 pub use exec::{ExecRule, ExecSection};
@@ -42,8 +44,8 @@ pub use files::{Access, FileRule, FileTarget, FilesSection};
 pub use net::{NetDefault, NetRule, NetTarget, NetworkSection, PortRange, Protocol, parse_cidr};
 pub use path::{FileName, PathPattern};
 pub use pdp::{
-    DEFAULT_CACHE_TTL_S, DEFAULT_OPA_TIMEOUT_MS, DEFAULT_REGO_QUERY, DEFAULT_STALE_WINDOW_S, Engine, OnUnavailable, OpaConfig,
-    PdpConfig, RegoConfig,
+    DEFAULT_CACHE_TTL_S, DEFAULT_OPA_TIMEOUT_MS, DEFAULT_REGO_QUERY, DEFAULT_STALE_WINDOW_S, Engine,
+    OnUnavailable, OpaConfig, PdpConfig, RegoConfig,
 };
 pub use rule::Verdict;
 

@@ -10,6 +10,7 @@ use serde::{Deserialize, Deserializer};
 use pep_common::net::{PROTO_TCP, PROTO_UDP};
 
 use super::de::{checked_map, scalar};
+use super::dns::DnsSettings;
 use super::domain::DomainPattern;
 use super::expand::expand_vars;
 use super::rule::{Rule, Verdict};
@@ -21,6 +22,8 @@ use super::rule::{Rule, Verdict};
 pub struct NetworkSection {
     pub default: NetDefault,
     pub rules: Vec<NetRule>,
+    /// `dns:`: the resolver that decides `domain` rules (issue 7).
+    pub dns: DnsSettings,
 }
 
 impl Default for NetworkSection {
@@ -28,6 +31,7 @@ impl Default for NetworkSection {
         Self {
             default: NetDefault::Allow,
             rules: Vec::new(),
+            dns: DnsSettings::default(),
         }
     }
 }
@@ -128,6 +132,8 @@ struct RawSection {
     default: Option<NetDefault>,
     #[serde(default)]
     rules: Option<Vec<Rule<NetMatch>>>,
+    #[serde(default)]
+    dns: Option<DnsSettings>,
 }
 
 impl<'de> Deserialize<'de> for NetworkSection {
@@ -147,6 +153,7 @@ impl<'de> Deserialize<'de> for NetworkSection {
                         protocol: rule.body.protocol,
                     })
                     .collect(),
+                dns: raw.dns.unwrap_or_default(),
             })
         })
     }

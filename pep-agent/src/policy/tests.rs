@@ -136,7 +136,8 @@ fn missing_sections_do_not_restrict() {
         p.network,
         NetworkSection {
             default: NetDefault::Allow,
-            rules: vec![]
+            rules: vec![],
+            dns: Default::default(),
         }
     );
     assert_eq!(
@@ -319,7 +320,7 @@ fn load_file_names_the_file_and_resolves_rego_files() {
     assert_eq!(
         err.to_string(),
         format!(
-            "{}:3:3: network: unknown field `defualt`, expected `default` or `rules`",
+            "{}:3:3: network: unknown field `defualt`, expected one of `default`, `rules`, `dns`",
             file.display()
         )
     );

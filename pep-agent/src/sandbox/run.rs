@@ -181,9 +181,24 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         crate::pdp::standalone::prepare(&mut enforcer, STANDALONE_SANDBOX_ID)
             .map_err(|e| RunError::Unsupported(format!("cannot load the PDP programs: {e}")))?;
     }
+    // DNS-aware policy (issue 7): the resolver's port must be in the kernel
+    // before the sandbox entry is published, and the upstream known.
+    let dns_prepared = if crate::dns::wanted(&policy) {
+        crate::dns::upstream(&policy).map_err(RunError::BadInput)?;
+        Some(
+            crate::dns::prepare(&mut enforcer, STANDALONE_SANDBOX_ID)
+                .map_err(|e| RunError::Unsupported(format!("cannot start the DNS resolver: {e}")))?,
+        )
+    } else {
+        None
+    };
     enforcer
         .install_sandbox(&spec, &net, &files)
         .map_err(|e| RunError::Other(e.into()))?;
+    if dns_prepared.is_some() {
+        crate::dns::attach(&mut enforcer, cg.path(), crate::enforcer::attach::Op::Attach)
+            .map_err(|e| RunError::Other(e.into()))?;
+    }
     if asks {
         // Before the connect hooks: a connect they hold must be held.
         enforcer
@@ -204,17 +219,36 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         policy_revision: policy.revision().to_string(),
         degraded,
     };
+    let dns_cfg = match &dns_prepared {
+        Some(_) => Some(
+            crate::dns::standalone_config(
+                &policy,
+                STANDALONE_SANDBOX_ID,
+                &name,
+                cg.path(),
+                mode,
+                sctx.degraded.clone(),
+            )
+            .map_err(RunError::BadInput)?,
+        ),
+        None => None,
+    };
     let events = enforcer.take_events().map_err(|e| RunError::Other(e.into()))?;
     let counters = Arc::new(KernelCounters::of(&enforcer)?);
     let mut pipeline =
         Pipeline::new(sink, sctx, &opts.audit_opts).map_err(|e| RunError::BadInput(format!("{e:#}")))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let _ask_task = match pdp_engine {
+    let ask_task = match pdp_engine {
         Some(engine) => Some(
             crate::pdp::standalone::start(&mut enforcer, engine, &policy, &name, &mut pipeline, stop.clone())
                 .map_err(|e| RunError::Other(e.into()))?,
         ),
         None => None,
+    };
+    // Serving before the command starts: its first lookup is answered.
+    let dns = match (dns_prepared, dns_cfg) {
+        (Some(prepared), Some(cfg)) => Some(crate::dns::start(prepared, &mut enforcer, cfg, &mut pipeline)?),
+        _ => None,
     };
     let pump = tokio::spawn(pipeline::pump(
         events,
@@ -240,6 +274,9 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         Ok(mut child) => wait_or_signal(&mut child, &cg).await,
         Err(e) => {
             teardown(&mut enforcer, &mut cg, &stop, pump).await;
+            if let Some(d) = dns {
+                d.stop();
+            }
             return Err(if e.kind() == std::io::ErrorKind::NotFound {
                 RunError::NotFound(cmd0.clone())
             } else {
@@ -248,6 +285,13 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         }
     };
     teardown(&mut enforcer, &mut cg, &stop, pump).await;
+    if let Some(t) = &ask_task {
+        crate::pdp::standalone::report(t);
+    }
+    // After the sandbox is gone: nothing is left to ask.
+    if let Some(d) = dns {
+        d.stop();
+    }
     Ok(status)
 }
 
@@ -349,6 +393,8 @@ async fn teardown(enforcer: &mut Enforcer, cg: &mut cgroup::Cgroup, stop: &Atomi
     }
     // Attached only when the policy asks; otherwise this fails harmlessly.
     let _ = enforcer.detach_ask(cg.path());
+    // Attached only when the policy has domain rules (issue 7); likewise.
+    let _ = crate::dns::attach(enforcer, cg.path(), crate::enforcer::attach::Op::Detach);
     if let Err(e) = cg.destroy() {
         eprintln!("pep-agent: cleanup: {e}");
     }

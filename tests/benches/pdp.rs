@@ -1,0 +1,261 @@
+//! PDP figures (issue 9), printed as a table and written to
+//! `bench/results/pdp.txt`:
+//! 1. decision latency, p50/p99: the embedded Rego engine on an indexed
+//!    rule, and the remote engine (`pep-agent pdp serve` over loopback,
+//!    one kept-alive connection);
+//! 2. connect latency, interleaved in one run (A B C A B C ...): a cache hit
+//!    (a PDP verdict in `VERDICT_CACHE`), a compiled-rule hit, and no agent
+//!    (this process, outside any sandbox);
+//! 3. kernel miss to verdict in the map, p99, embedded engine (the run's own
+//!    measurement, logged at exit).
+//!
+//! `cargo bench -p pep-tests --bench pdp [-- --quick]` (as root).
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use pep_agent::pdp::{Pdp, opa::Opa, rego::Rego};
+use pep_tests::{Scratch, pep_agent_bin, tcp_server};
+use serde_json::json;
+
+fn pct(v: &mut [u64], p: f64) -> u64 {
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn worker() {
+    // "N ADDR" -> N connect latencies in ns.
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let line = line.expect("stdin");
+        let mut it = line.split_whitespace();
+        let (Some(n), Some(addr)) = (it.next(), it.next()) else {
+            break;
+        };
+        let n: usize = n.parse().expect("n");
+        let addrs: Vec<SocketAddr> = addr.split(',').map(|a| a.parse().expect("addr")).collect();
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n {
+            let a = addrs[i % addrs.len()];
+            let t = Instant::now();
+            let s = TcpStream::connect(a);
+            lat.push(t.elapsed().as_nanos() as u64);
+            if let Err(e) = s {
+                lat.pop();
+                lat.push(u64::MAX);
+                eprintln!("worker: {a}: {e}");
+            }
+        }
+        let text: Vec<String> = lat.iter().map(u64::to_string).collect();
+        writeln!(out, "{}", text.join(" ")).expect("stdout");
+        out.flush().expect("flush");
+    }
+}
+
+fn connect_batch(n: usize, addr: SocketAddr) -> Vec<u64> {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let _s = TcpStream::connect(addr).expect("connect");
+            t.elapsed().as_nanos() as u64
+        })
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--worker") {
+        worker();
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let n_dec = if quick { 500 } else { 5000 };
+    let rounds = if quick { 10 } else { 40 };
+    let batch = 50;
+    let n_miss = if quick { 100 } else { 400 };
+    let s = Scratch::new("bench-pdp");
+    let mut report = String::new();
+    let mut say = |line: String| {
+        println!("{line}");
+        report.push_str(&line);
+        report.push('\n');
+    };
+
+    // 1. Decision latency.
+    let rego = s.write(
+        "p.rego",
+        "package pep\n\
+         default decision := false\n\
+         decision := {\"allow\": true, \"ttl_s\": 600} if input.resource.dport == 443\n\
+         decision := {\"allow\": true, \"ttl_s\": 600} if input.action == \"net.connect\"\n",
+    );
+    let input = json!({
+        "subject": {"sandbox": "b", "pid": 1, "uid": 0, "comm": "x", "exe": "/x", "labels": {}},
+        "action": "net.connect",
+        "resource": {"daddr": "127.0.0.1", "dport": 443, "protocol": "tcp"},
+        "context": {"time": "2026-11-25T16:20:20Z", "host": "h", "policy_revision": "sha256:x"}
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let embedded = Rego::load(&[&rego], "data.pep.decision").expect("rego");
+    let mut emb = Vec::new();
+    for _ in 0..n_dec {
+        let t = Instant::now();
+        let d = rt.block_on(embedded.decide(&input)).expect("decide");
+        emb.push(t.elapsed().as_nanos() as u64);
+        assert!(d.answer.allow);
+    }
+    let mut server = Command::new(pep_agent_bin())
+        .args(["pdp", "serve", "--listen", "127.0.0.1:0", "--policy"])
+        .arg(&rego)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pdp serve");
+    let mut lines = BufReader::new(server.stderr.take().expect("stderr")).lines();
+    let addr: SocketAddr = loop {
+        let l = lines.next().expect("pdp serve exited").expect("line");
+        if let Some(a) = l.split("listening on http://").nth(1) {
+            break a.trim().parse().expect("addr");
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let url = format!("http://{addr}/v1/data/pep/decision");
+    let remote = Opa::with_url(&url, Duration::from_secs(2)).expect("opa");
+    let mut rem = Vec::new();
+    for _ in 0..n_dec {
+        let t = Instant::now();
+        let d = rt.block_on(remote.decide(&input)).expect("decide");
+        rem.push(t.elapsed().as_nanos() as u64);
+        assert!(d.answer.allow);
+    }
+    let us = |ns: u64| ns as f64 / 1000.0;
+    say(format!("decision latency (n={n_dec} each)"));
+    say(format!(
+        "  embedded rego:          p50 {:8.1} us   p99 {:8.1} us",
+        us(pct(&mut emb, 0.5)),
+        us(pct(&mut emb, 0.99))
+    ));
+    say(format!(
+        "  remote (loopback HTTP): p50 {:8.1} us   p99 {:8.1} us",
+        us(pct(&mut rem, 0.5)),
+        us(pct(&mut rem, 0.99))
+    ));
+    let _ = server.kill();
+    let _ = server.wait();
+
+    // 2 and 3: one sandbox under `default: ask` with the embedded engine.
+    let rule_port = tcp_server("127.0.0.1:0").port();
+    let cache_port = tcp_server("127.0.0.1:0").port();
+    // Misses: many loopback addresses, one listener on all of them.
+    let miss_l = TcpListener::bind("0.0.0.0:0").expect("bind");
+    let miss_port = miss_l.local_addr().expect("addr").port();
+    std::thread::spawn(move || for _c in miss_l.incoming() {});
+    let policy = s.write(
+        "p.yaml",
+        &format!(
+            "apiVersion: pep/v1\nname: bench\nnetwork:\n  default: ask\n  rules:\n\
+             \x20   - allow: {{ cidr: 127.0.0.1/32, ports: [{rule_port}], protocol: tcp }}\n\
+             pdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n  cache_ttl_s: 600\n",
+            rego.display()
+        ),
+    );
+    let me = std::env::current_exe().expect("exe");
+    let mut run = Command::new(pep_agent_bin())
+        .args(["run", "--policy"])
+        .arg(&policy)
+        .arg("--")
+        .arg(&me)
+        .arg("--worker")
+        .env("PEP_LOG", "warn,pep_agent::pdp=info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pep-agent run");
+    // Drained as it comes: a full pipe would stall pep-agent's logging.
+    let err_pipe = run.stderr.take().expect("stderr");
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(err_pipe), &mut s);
+        s
+    });
+    let mut win = run.stdin.take().expect("stdin");
+    let mut wout = BufReader::new(run.stdout.take().expect("stdout"));
+    let mut ask = |n: usize, addrs: &str| -> Vec<u64> {
+        writeln!(win, "{n} {addrs}").expect("to worker");
+        win.flush().expect("flush");
+        let mut line = String::new();
+        wout.read_line(&mut line).expect("from worker");
+        line.split_whitespace().map(|x| x.parse().expect("ns")).collect()
+    };
+    let rule_addr = format!("127.0.0.1:{rule_port}");
+    let cache_addr = format!("127.0.0.1:{cache_port}");
+    // Misses: distinct destinations, each asked once (embedded engine).
+    let miss_addrs: Vec<String> = (0..n_miss)
+        .map(|i| format!("127.0.{}.{}:{miss_port}", 1 + i / 250, 1 + i % 250))
+        .collect();
+    let miss_lat = ask(n_miss, &miss_addrs.join(","));
+    let miss_failed = miss_lat.iter().filter(|l| **l == u64::MAX).count();
+    let miss_lat: Vec<u64> = miss_lat.into_iter().filter(|l| *l != u64::MAX).collect();
+    ask(1, &cache_addr); // warm the cache
+    let (mut hit, mut rule, mut none) = (Vec::new(), Vec::new(), Vec::new());
+    let plain: SocketAddr = format!("127.0.0.1:{rule_port}").parse().expect("addr");
+    for _ in 0..rounds {
+        hit.extend(ask(batch, &cache_addr));
+        rule.extend(ask(batch, &rule_addr));
+        none.extend(connect_batch(batch, plain));
+    }
+    drop(win);
+    let _ = run.wait().expect("run");
+    let stderr = err_thread.join().unwrap_or_default();
+    for l in stderr.lines().filter(|l| l.contains("worker:") || l.contains("ERROR")).take(5) {
+        eprintln!("{l}");
+    }
+    let (p50h, p50r, p50n) = (pct(&mut hit, 0.5), pct(&mut rule, 0.5), pct(&mut none, 0.5));
+    say(format!(
+        "connect latency, interleaved ({rounds} rounds x {batch})"
+    ));
+    say(format!(
+        "  cache hit:          p50 {:7.1} us  p99 {:7.1} us",
+        us(p50h),
+        us(pct(&mut hit, 0.99))
+    ));
+    say(format!(
+        "  compiled-rule hit:  p50 {:7.1} us  p99 {:7.1} us",
+        us(p50r),
+        us(pct(&mut rule, 0.99))
+    ));
+    say(format!(
+        "  no agent:           p50 {:7.1} us  p99 {:7.1} us",
+        us(p50n),
+        us(pct(&mut none, 0.99))
+    ));
+    say(format!(
+        "  cache hit / compiled-rule hit (p50): {:.3}",
+        p50h as f64 / p50r as f64
+    ));
+    let mut miss_ms: Vec<u64> = miss_lat.clone();
+    say(format!(
+        "held connect on a miss (embedded engine, n={n_miss}): p50 {:.1} ms  p99 {:.1} ms",
+        pct(&mut miss_ms, 0.5) as f64 / 1e6,
+        pct(&mut miss_ms, 0.99) as f64 / 1e6
+    ));
+    match stderr
+        .lines()
+        .find_map(|l| l.split("pdp: miss-to-verdict ").nth(1))
+    {
+        Some(line) => say(format!("kernel miss to verdict in map: {line}")),
+        None => say(format!("kernel miss to verdict: not reported; stderr:\n{stderr}")),
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join("pdp.txt"), &report);
+}

@@ -1,0 +1,71 @@
+//! In the VM (BPF LSM): SIGKILL of the daemon while a sandboxed process
+//! hammers denied and allowed opens and connects lets no denied action
+//! through; the restarted daemon adopts the pinned LSM links and the
+//! sandbox, and the audit chain verifies across the restart.
+
+use std::time::Duration;
+
+use pep_tests::{daemon::*, *};
+
+#[test]
+fn sigkill_keeps_file_and_network_rules_enforced() {
+    assert!(
+        pep_agent::kernel::features::lsm_loadable(),
+        "this test runs where BPF LSM loads (the VM)"
+    );
+    let allowed = tcp_server("127.0.0.1:0");
+    let denied = tcp_server("127.0.0.1:0");
+    let files = Scratch::new("vmdaemon-files");
+    let secret = files.write("secret.txt", "s");
+    let open = files.write("open.txt", "o");
+    let policy = format!(
+        "apiVersion: pep/v1\nname: vm\nnetwork:\n  default: allow\n  rules:\n    - deny: {{ cidr: 127.0.0.1/32, ports: [{}] }}\n\
+         files:\n  default: allow\n  rules:\n    - deny: {{ path: \"{}\", access: [read, write] }}\n",
+        denied.port(),
+        secret.display()
+    );
+    let mut d = TestDaemon::new("vmdaemon", &[("vm", &policy)], "lsm: on\n", false);
+    d.start();
+    let r = d.request(r#"{"op":"create","name":"vm","policy":"vm"}"#);
+    assert_eq!(r["ok"], true, "{r}\n{}", d.logs());
+    let probes = [
+        format!("tcp:{denied}"),
+        format!("tcp:{allowed}"),
+        format!("open:{}", secret.display()),
+        format!("open:{}", open.display()),
+    ];
+    let h = Hammer::start(&d.scratch.dir, "vm1", &d.cgroup("vm"), &probes);
+    std::thread::sleep(Duration::from_millis(500));
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(2000));
+    d.start();
+    std::thread::sleep(Duration::from_millis(500));
+    let counts = h.finish();
+    let n = |p: &str, o: &str| counts[p][o].as_u64().unwrap_or(0);
+    assert_eq!(n(&probes[0], "OK"), 0, "a denied connect succeeded: {counts}");
+    assert_eq!(n(&probes[2], "OK"), 0, "a denied open succeeded: {counts}");
+    assert!(
+        n(&probes[0], "EPERM") > 0 && n(&probes[2], "EPERM") > 0,
+        "{counts}"
+    );
+    assert!(n(&probes[1], "OK") > 0 && n(&probes[3], "OK") > 0, "{counts}");
+
+    let status = d.request(r#"{"op":"status"}"#);
+    assert_eq!(status["data"]["origin"], "adopted", "{status}");
+    assert_eq!(status["data"]["lsm"], true, "{status}");
+    let list = d.request(r#"{"op":"list"}"#);
+    assert_eq!(list["data"][0]["name"], "vm", "{list}");
+    let h = Hammer::start(&d.scratch.dir, "vm2", &d.cgroup("vm"), &probes);
+    let counts = h.finish();
+    assert_eq!(counts[&probes[2]]["OK"].as_u64().unwrap_or(0), 0, "{counts}");
+
+    d.stop();
+    let v = d.cli(None, &["events", "verify", d.audit.to_str().expect("utf8")]);
+    assert!(v.status.success(), "{}", describe(&v));
+    let recs = read_audit(&d.audit);
+    assert!(
+        recs.iter()
+            .any(|r| r["action"] == "file.open" && r["verdict"] == "deny" && r["sandbox"] == "vm"),
+        "no file deny recorded"
+    );
+}
