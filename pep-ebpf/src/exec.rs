@@ -123,12 +123,28 @@ fn try_bprm_check(ctx: &LsmContext) -> i32 {
     };
     let path_len = if len > 0 { Some((len - 1) as u32) } else { None };
     let d = decide_exec(&sb, path_len, buf, vfs::file_inode(file), true);
+    // Opaque for the same reason as the decision below: read_argv's loop
+    // ends with a different (argc, length) at each iteration.
     let (argc, argv_len) = read_argv();
+    let [argc, argv_len, _, _] = vfs::opaque([argc.into(), argv_len.into(), 0, 0]).map(|x| x as u32);
     let Some(argv) = ARGV_SCRATCH.get_ptr_mut(0) else {
         return answer(&sb, d.verdict);
     };
     // SAFETY: per-CPU scratch, valid for this run.
     let argv = unsafe { &*argv };
+    let [verdict, source, rule, path_len] = vfs::opaque([
+        d.verdict.into(),
+        d.source.into(),
+        d.rule.into(),
+        d.path_len.into(),
+    ])
+    .map(|x| x as u32);
+    let d = ExecDecision {
+        verdict,
+        source,
+        rule,
+        path_len,
+    };
     audit::emit(|ev: &mut ExecEvent| {
         audit::fill_header(&mut ev.header, KIND_EXEC, &sb, d.verdict, d.source, d.rule);
         ev.op = EXEC_OP_EXEC;
@@ -218,6 +234,14 @@ fn deny_mapping(sb: &sandbox::Sandbox, d: &ExecDecision, buf: &[u8; PATH_MAX_LEN
     if d.verdict != VERDICT_DENY {
         return 0;
     }
+    let [source, rule, path_len, _] =
+        vfs::opaque([d.source.into(), d.rule.into(), d.path_len.into(), 0]).map(|x| x as u32);
+    let d = ExecDecision {
+        verdict: VERDICT_DENY,
+        source,
+        rule,
+        path_len,
+    };
     audit::emit(|ev: &mut ExecEvent| {
         audit::fill_header(&mut ev.header, KIND_EXEC, sb, d.verdict, d.source, d.rule);
         ev.op = op;
@@ -306,7 +330,7 @@ fn decide_exec(
             ino,
         };
         // SAFETY: plain data written whole by userspace.
-        if let Some(v) = unsafe { INODE_RULES.get(&key) }
+        if let Some(v) = unsafe { INODE_RULES.get(key) }
             && v.read_verdict == VERDICT_DENY
         {
             return ExecDecision {

@@ -179,7 +179,7 @@ fn decide(
             ino,
         };
         // SAFETY: plain data written whole by userspace.
-        if let Some(v) = unsafe { INODE_RULES.get(&key) } {
+        if let Some(v) = unsafe { INODE_RULES.get(key) } {
             if access & ACCESS_READ != 0 && v.read_verdict == VERDICT_DENY {
                 (verdict, source, rule) = (VERDICT_DENY, SOURCE_RULE, v.read_rule);
             } else if access & ACCESS_WRITE != 0 && v.write_verdict == VERDICT_DENY {
@@ -187,6 +187,8 @@ fn decide(
             }
         }
     }
+    let [verdict, source, rule, path_len] =
+        vfs::opaque([verdict.into(), source.into(), rule.into(), path_len.into()]).map(|x| x as u32);
     audit::emit(|ev: &mut FileEvent| {
         audit::fill_header(&mut ev.header, KIND_FILE, sb, verdict, source, rule);
         ev.access = access;

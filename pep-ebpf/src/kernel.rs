@@ -145,7 +145,8 @@ fn read_lineage(task: *const u8, l: &mut Lineage) {
         let mut n = 0;
         // Bounded by MAX_ANCESTORS; stops at init (pid 1) or an unreadable link.
         while n < MAX_ANCESTORS {
-            let parent: *const u8 = match bpf_probe_read_kernel(t.add(off_parent as usize) as *const *const u8) {
+            let parent: *const u8 = match bpf_probe_read_kernel(t.add(off_parent as usize) as *const *const u8)
+            {
                 Ok(p) if !p.is_null() && p != t => p,
                 _ => break,
             };
@@ -154,8 +155,9 @@ fn read_lineage(task: *const u8, l: &mut Lineage) {
                 break;
             }
             l.ancestors[n].pid = pid;
-            l.ancestors[n].comm = bpf_probe_read_kernel(parent.add(off_comm as usize) as *const [u8; COMM_LEN])
-                .unwrap_or([0; COMM_LEN]);
+            l.ancestors[n].comm =
+                bpf_probe_read_kernel(parent.add(off_comm as usize) as *const [u8; COMM_LEN])
+                    .unwrap_or([0; COMM_LEN]);
             n += 1;
             if pid == 1 {
                 break;

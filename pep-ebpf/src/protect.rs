@@ -63,6 +63,8 @@ fn deny(sb: &sandbox::Sandbox, op: u32, target_pid: u32, arg: u64, path_len: u32
     let Some(buf) = PATH_SCRATCH.get_ptr_mut(0) else {
         return -EPERM;
     };
+    let [op, target_pid, arg, path_len] = vfs::opaque([op.into(), target_pid.into(), arg, path_len.into()]);
+    let (op, target_pid, path_len) = (op as u32, target_pid as u32, path_len as u32);
     audit::emit(|ev: &mut SelfEvent| {
         audit::fill_header(
             &mut ev.header,
@@ -146,7 +148,7 @@ pub fn task_kill(ctx: LsmContext) -> i32 {
     };
     let target = kernel::task_tgid(ctx.arg(0));
     // SAFETY: plain data.
-    if unsafe { PROTECTED.get(&target) }.is_some() {
+    if unsafe { PROTECTED.get(target) }.is_some() {
         return deny(&sb, SELF_SIGNAL, target, sig as u64, u32::MAX);
     }
     0
@@ -165,7 +167,7 @@ pub fn ptrace_access_check(ctx: LsmContext) -> i32 {
     };
     let target = kernel::task_tgid(ctx.arg(0));
     // SAFETY: plain data.
-    if unsafe { PROTECTED.get(&target) }.is_some() {
+    if unsafe { PROTECTED.get(target) }.is_some() {
         let mode: u32 = ctx.arg(1);
         return deny(&sb, SELF_PTRACE, target, u64::from(mode), u32::MAX);
     }

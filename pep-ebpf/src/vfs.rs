@@ -370,3 +370,26 @@ extern "C" fn walk_step(_index: u32, _ctx: *mut core::ffi::c_void) -> i64 {
     st.d = parent as usize;
     0
 }
+
+/// Per-CPU slot for `opaque`.
+#[map]
+static OPAQUE: PerCpuArray<[u64; 4]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Returns its arguments unchanged, but as values the verifier cannot know:
+/// stored to and loaded back from a map. Decisions reach the event code with
+/// different constants (verdict, source, rule); passed through here first,
+/// they arrive in one state, and the verifier checks the event code (the ring
+/// buffer reservation and the header with its lineage walk) once instead of
+/// once per decision outcome.
+#[inline(always)]
+pub fn opaque(v: [u64; 4]) -> [u64; 4] {
+    let Some(slot) = OPAQUE.get_ptr_mut(0) else {
+        return v;
+    };
+    // SAFETY: per-CPU map value, ours for this run; volatile so that the
+    // compiler does not forward the stored values.
+    unsafe {
+        core::ptr::write_volatile(slot, v);
+        core::ptr::read_volatile(slot)
+    }
+}

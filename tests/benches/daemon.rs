@@ -126,13 +126,17 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let secs = t.elapsed().as_secs_f64();
+    let mut flood_out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut flood_out)
+        .expect("flood output");
+    let flood_out = flood_out.trim().to_string();
     std::thread::sleep(Duration::from_millis(500));
     peak = peak.max(rss_kib(d.pid()));
     rows.push(row(
         "daemon RSS peak under a flood of denied sends",
         peak as f64 / 1024.0,
         "MiB",
-        &format!("{count} denied sendto in {secs:.1} s, each an audit record"),
+        &format!("{count} denied sendto in {secs:.1} s, each an audit record (flood: {flood_out})"),
     ));
     d.stop();
 

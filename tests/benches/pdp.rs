@@ -216,7 +216,11 @@ fn main() {
     drop(win);
     let _ = run.wait().expect("run");
     let stderr = err_thread.join().unwrap_or_default();
-    for l in stderr.lines().filter(|l| l.contains("worker:") || l.contains("ERROR")).take(5) {
+    for l in stderr
+        .lines()
+        .filter(|l| l.contains("worker:") || l.contains("ERROR"))
+        .take(5)
+    {
         eprintln!("{l}");
     }
     let (p50h, p50r, p50n) = (pct(&mut hit, 0.5), pct(&mut rule, 0.5), pct(&mut none, 0.5));
@@ -248,6 +252,11 @@ fn main() {
         pct(&mut miss_ms, 0.5) as f64 / 1e6,
         pct(&mut miss_ms, 0.99) as f64 / 1e6
     ));
+    if miss_failed > 0 {
+        say(format!(
+            "  {miss_failed} of {n_miss} missed connects FAILED (see stderr)"
+        ));
+    }
     match stderr
         .lines()
         .find_map(|l| l.split("pdp: miss-to-verdict ").nth(1))

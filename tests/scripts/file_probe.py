@@ -10,9 +10,9 @@ Files:
   opath-reopen (open O_PATH, then reopen /proc/self/fd/N for reading),
   unlink, mkdir, rmdir, mknod (a FIFO), chmod, chown, rename "A|B",
   link "A|B" (hard link B to A), symlink "TARGET|B",
-  openat2 "RESOLVE|PATH" (read through openat2 with RESOLVE = no-symlinks,
-  beneath, in-root, no-magiclinks or no-xdev; PATH relative to / for
-  beneath/in-root).
+  openat2 "RESOLVE|PATH" or "RESOLVE|DIR|REL" (read through openat2 with
+  RESOLVE = no-symlinks, beneath, in-root, no-magiclinks or no-xdev; PATH
+  relative to / for beneath/in-root, REL relative to a descriptor of DIR).
 Exec:
   exec PATH (run PATH --version, or "PATH ARG..." split on spaces with
   "exec-args"), ldso PATH (run PATH through the dynamic loader),
@@ -114,10 +114,14 @@ def probe(op, arg):
         a, b = arg.split("|")
         os.symlink(a, b)
     elif op == "openat2":
-        how_name, path = arg.split("|")
+        parts = arg.split("|")
+        how_name, path = parts[0], parts[-1]
         how = struct.pack("QQQ", os.O_RDONLY, 0, RESOLVE[how_name])
         dirfd = -100  # AT_FDCWD
-        if how_name in ("beneath", "in-root"):
+        if len(parts) == 3:
+            # "RESOLVE|DIR|REL": relative to a descriptor of DIR.
+            dirfd = os.open(parts[1], os.O_PATH)
+        elif how_name in ("beneath", "in-root"):
             dirfd = os.open("/", os.O_PATH)
             path = path.lstrip("/")
         buf = ctypes.create_string_buffer(how)

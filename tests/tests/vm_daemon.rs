@@ -9,9 +9,11 @@ use pep_tests::{daemon::*, *};
 
 #[test]
 fn sigkill_keeps_file_and_network_rules_enforced() {
+    // The daemon itself (`lsm: on`) says why, if the LSM programs do not load.
+    let lsms = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
     assert!(
-        pep_agent::kernel::features::lsm_loadable(),
-        "this test runs where BPF LSM loads (the VM)"
+        lsms.split(',').any(|l| l.trim() == "bpf"),
+        "this test runs where BPF LSM is enabled (the VM); LSM list: {lsms}"
     );
     let allowed = tcp_server("127.0.0.1:0");
     let denied = tcp_server("127.0.0.1:0");

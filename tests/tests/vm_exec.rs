@@ -67,7 +67,12 @@ fn denylist_holds_through_symlink_hard_link_and_ldso() {
         "ld.so cannot map the denied program: {}",
         describe(&out)
     );
-    assert_eq!(res[4..], ["EPERM", "EPERM", "OK", "OK", "OK"], "{}", describe(&out));
+    assert_eq!(
+        res[4..],
+        ["EPERM", "EPERM", "OK", "OK", "OK"],
+        "{}",
+        describe(&out)
+    );
 
     let recs = read_audit(&log);
     let execs: Vec<_> = recs.iter().filter(|r| r["action"] == "exec").collect();
@@ -85,11 +90,14 @@ fn denylist_holds_through_symlink_hard_link_and_ldso() {
         .iter()
         .find(|r| r["exec"]["path"] == hl.as_str())
         .unwrap_or_else(|| panic!("no record for {hl}: {execs:#?}"));
-    assert_eq!((&r["verdict"], &r["rule"]), (&"deny".into(), &"exec.rules[0]".into()));
+    assert_eq!(
+        (&r["verdict"], &r["rule"]),
+        (&"deny".into(), &"exec.rules[0]".into())
+    );
     assert!(
-        execs
-            .iter()
-            .any(|r| r["verdict"] == "deny" && r["reason"] == "mmap PROT_EXEC" && r["exec"]["path"] == denied.as_str()),
+        execs.iter().any(|r| r["verdict"] == "deny"
+            && r["reason"] == "mmap PROT_EXEC"
+            && r["exec"]["path"] == denied.as_str()),
         "the ld.so mapping is recorded: {execs:#?}"
     );
     let fine = d.join("bin/fine").display().to_string();

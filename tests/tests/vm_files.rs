@@ -179,7 +179,16 @@ fn setup_write_tree(s: &Scratch) {
     for dir in ["ws", "ro/emptydir", "ro/sub", "secret"] {
         std::fs::create_dir_all(d.join(dir)).expect("mkdir");
     }
-    for f in ["ro/f", "ro/g", "ws/f", "ws/moveme", "ws/a", "ws/b", "ws/c", "ws/d"] {
+    for f in [
+        "ro/f",
+        "ro/g",
+        "ws/f",
+        "ws/moveme",
+        "ws/a",
+        "ws/b",
+        "ws/c",
+        "ws/d",
+    ] {
         std::fs::write(d.join(f), "data").expect("write");
     }
     std::fs::create_dir(d.join("ws/emptydir")).expect("mkdir");
@@ -232,7 +241,14 @@ fn writes_outside_writable_paths_fail() {
     );
     // Nothing happened in the read-only tree.
     assert!(!ro_new.exists(), "a denied O_CREAT must not create the file");
-    for gone in ["ro/newdir", "ro/hardlink", "ro/symlink", "ro/fifo", "ro/moved-in", "ws/g-out"] {
+    for gone in [
+        "ro/newdir",
+        "ro/hardlink",
+        "ro/symlink",
+        "ro/fifo",
+        "ro/moved-in",
+        "ws/g-out",
+    ] {
         assert!(
             std::fs::symlink_metadata(d.join(gone)).is_err(),
             "{gone} must not exist"
@@ -242,7 +258,12 @@ fn writes_outside_writable_paths_fail() {
     assert_eq!(std::fs::read_to_string(d.join("ro/f")).expect("read"), "data");
     // Each denial is recorded as a write with the resolved path and the rule.
     let recs = read_audit(&log);
-    for path in [d.join("ro/newdir"), d.join("ro/emptydir"), ro_new.clone(), d.join("ro/f")] {
+    for path in [
+        d.join("ro/newdir"),
+        d.join("ro/emptydir"),
+        ro_new.clone(),
+        d.join("ro/f"),
+    ] {
         let path = path.display().to_string();
         let r = recs
             .iter()
@@ -273,12 +294,24 @@ fn hard_links_made_before_the_sandbox_are_denied() {
             ("write", d.join("ws/key-link").display().to_string()),
             ("read", d.join("ws/exact-link").display().to_string()),
             // A link made inside the sandbox to a denied file: refused.
-            ("link", format!("{}|{}", d.join("secret/key").display(), d.join("ws/new-link").display())),
+            (
+                "link",
+                format!(
+                    "{}|{}",
+                    d.join("secret/key").display(),
+                    d.join("ws/new-link").display()
+                ),
+            ),
             // Control: a hard link to an allowed file.
             ("read", d.join("ws/a-link").display().to_string()),
         ],
     );
-    assert_eq!(res, ["EPERM", "EPERM", "EPERM", "EPERM", "OK"], "{}", describe(&out));
+    assert_eq!(
+        res,
+        ["EPERM", "EPERM", "EPERM", "EPERM", "OK"],
+        "{}",
+        describe(&out)
+    );
     let recs = read_audit(&log);
     let link = d.join("ws/key-link").display().to_string();
     let r = recs
@@ -309,14 +342,19 @@ fn openat2_resolve_flags_do_not_bypass() {
             ("openat2", format!("beneath|{key}")),
             ("openat2", format!("in-root|{key}")),
             ("openat2", format!("no-magiclinks|{key}")),
-            ("openat2", format!("no-xdev|{key}")),
+            // From a descriptor on the same mount (from / it would cross
+            // into /tmp's tmpfs: EXDEV before any open).
+            ("openat2", format!("no-xdev|{}|secret/key", d.display())),
+            ("openat2", format!("beneath|{}|ws/../secret/key", d.display())),
             ("openat2", format!("in-root|{link}")),
             ("openat2", format!("beneath|{notes}")),
         ],
     );
     assert_eq!(
         res,
-        ["EPERM", "EPERM", "EPERM", "EPERM", "EPERM", "EPERM", "OK"],
+        [
+            "EPERM", "EPERM", "EPERM", "EPERM", "EPERM", "EPERM", "EPERM", "OK"
+        ],
         "{}",
         describe(&out)
     );
@@ -388,7 +426,11 @@ fn paths_at_and_past_the_length_limit() {
         too_long.len() >= 5,
         "each denial past the limit is recorded, without a path: {recs:#?}"
     );
-    assert!(too_long.iter().all(|r| r["source"] == "default" && r["rule"].is_null()));
+    assert!(
+        too_long
+            .iter()
+            .all(|r| r["source"] == "default" && r["rule"].is_null())
+    );
     let at_s = at.display().to_string();
     assert!(
         recs.iter()

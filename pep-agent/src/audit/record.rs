@@ -93,11 +93,14 @@ pub const GENESIS: &str = "sha256:0000000000000000000000000000000000000000000000
 
 /// `sha256:<hex>` of one serialized line (without its newline).
 pub fn line_hash(line: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let d = Sha256::digest(line.as_bytes());
     let mut s = String::with_capacity(7 + 64);
     s.push_str("sha256:");
+    // Per record, on the audit hot path: no `format!` per byte.
     for b in d {
-        s.push_str(&format!("{b:02x}"));
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     s
 }

@@ -125,7 +125,10 @@ mod tests {
     #[test]
     fn errors_carry_locations() {
         let e = load("{ upstream: \"dns.example\" }").unwrap_err();
-        assert!(e.starts_with("p.yaml:3:20: ") && e.contains("bad DNS server"), "{e}");
+        assert!(
+            e.starts_with("p.yaml:3:20: ") && e.contains("bad DNS server"),
+            "{e}"
+        );
         let e = load("{ upstreams: \"127.0.0.1\" }").unwrap_err();
         assert!(e.starts_with("p.yaml:3:") && e.contains("upstreams"), "{e}");
         let e = load("{ min_ttl_s: 100, max_ttl_s: 10 }").unwrap_err();
