@@ -106,6 +106,17 @@ impl TestDaemon {
         }
         // Its own process group: a test's signals go to the daemon alone.
         cmd.process_group(0);
+        // A test killed by a timeout leaves no daemon behind (the thread
+        // that spawns it lives as long as the test).
+        // SAFETY: prctl(2) between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         self.child = Some(cmd.spawn().expect("spawn pep-agent daemon"));
     }
 

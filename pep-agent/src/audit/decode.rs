@@ -445,6 +445,70 @@ mod tests {
     }
 
     #[test]
+    fn decodes_exec_and_self_events() {
+        // SAFETY: plain data.
+        let mut ev: ExecEvent = unsafe { std::mem::zeroed() };
+        ev.header.kind = KIND_EXEC;
+        ev.header.verdict = VERDICT_DENY;
+        ev.header.mode = MODE_ENFORCE;
+        ev.header.source = SOURCE_RULE;
+        ev.op = EXEC_OP_EXEC;
+        ev.path[..11].copy_from_slice(b"/usr/bin/nc");
+        ev.path_len = 11;
+        ev.argv[..12].copy_from_slice(b"nc\0-l\0cut-of");
+        ev.argc = 3;
+        ev.argv_len = 12;
+        // SAFETY: plain data.
+        let raw = unsafe {
+            std::slice::from_raw_parts((&ev as *const ExecEvent).cast::<u8>(), size_of::<ExecEvent>())
+        };
+        let Decision::Exec { op, path, argv, .. } = Decision::try_from(raw).unwrap() else {
+            panic!("not exec")
+        };
+        assert_eq!((op, path.as_deref()), (ExecOp::Exec, Some("/usr/bin/nc")));
+        assert_eq!(argv, ["nc", "-l", "cut-of"], "the last argument may be cut short");
+        // SAFETY: plain data.
+        let mut sev: SelfEvent = unsafe { std::mem::zeroed() };
+        sev.header.kind = KIND_SELF;
+        sev.header.verdict = VERDICT_DENY;
+        sev.header.source = SOURCE_DEFAULT;
+        sev.op = SELF_SIGNAL;
+        sev.target_pid = 7;
+        sev.arg = 15;
+        sev.path_len = u32::MAX;
+        // SAFETY: plain data.
+        let raw = unsafe {
+            std::slice::from_raw_parts((&sev as *const SelfEvent).cast::<u8>(), size_of::<SelfEvent>())
+        };
+        let Decision::SelfProtect {
+            op,
+            target_pid,
+            arg,
+            path,
+            ..
+        } = Decision::try_from(raw).unwrap()
+        else {
+            panic!("not self")
+        };
+        assert_eq!(
+            (op.action(), target_pid, arg, path),
+            ("self.signal", Some(7), 15, None)
+        );
+        sev.op = 99;
+        // SAFETY: plain data.
+        let raw = unsafe {
+            std::slice::from_raw_parts((&sev as *const SelfEvent).cast::<u8>(), size_of::<SelfEvent>())
+        };
+        assert!(matches!(
+            Decision::try_from(raw),
+            Err(DecodeError::Field {
+                field: "self op",
+                value: 99
+            })
+        ));
+    }
+
+    #[test]
     fn rejects_bad_events() {
         assert_eq!(Decision::try_from(&[0u8; 8][..]), Err(DecodeError::Short(8)));
         assert!(matches!(

@@ -264,4 +264,70 @@ mod tests {
         let root = find(&e, KIND_PREFIX, "");
         assert_eq!(root.read_verdict, VERDICT_ALLOW);
     }
+
+    #[test]
+    fn lookup_mirrors_the_kernel_walk() {
+        let yaml = "apiVersion: pep/v1\nfiles:\n  default: allow\n  rules:\n\
+             \x20   - allow: { path: \"/w/**\", access: [read, write] }\n\
+             \x20   - deny: { path: \"/w/ro/**\", access: [write] }\n\
+             \x20   - deny: { path: \"/w/ro/secret\" }\n\
+             \x20   - deny: { name: \".env\" }\n";
+        let p = load_str(yaml, "t.yaml", &LoadContext::new("/home/u")).expect("policy");
+        let e = compile_files(&p.files, 1);
+        let d = p.files.default.to_kernel();
+        assert_eq!(lookup(&e, d, "/w/a"), ((VERDICT_ALLOW, 0), (VERDICT_ALLOW, 0)));
+        assert_eq!(lookup(&e, d, "/w/ro/a"), ((VERDICT_ALLOW, 0), (VERDICT_DENY, 1)));
+        assert_eq!(
+            lookup(&e, d, "/w/ro/secret"),
+            ((VERDICT_DENY, 2), (VERDICT_DENY, 2))
+        );
+        assert_eq!(lookup(&e, d, "/x/.env"), ((VERDICT_DENY, 3), (VERDICT_DENY, 3)));
+        assert_eq!(
+            lookup(&e, d, "/other"),
+            ((VERDICT_ALLOW, u32::MAX), (VERDICT_ALLOW, u32::MAX))
+        );
+    }
+
+    #[test]
+    fn inode_denies_cover_exact_denies_and_linked_files_under_denied_prefixes() {
+        let dir = std::env::temp_dir().join(format!("pep-inode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("secret/sub")).expect("mkdir");
+        std::fs::write(dir.join("secret/sub/linked"), "x").expect("write");
+        std::fs::write(dir.join("secret/single"), "x").expect("write");
+        std::fs::hard_link(dir.join("secret/sub/linked"), dir.join("elsewhere")).expect("link");
+        std::fs::write(dir.join("exact"), "x").expect("write");
+        let d = dir.display();
+        let yaml = format!(
+            "apiVersion: pep/v1\nfiles:\n  default: allow\n  rules:\n\
+             \x20   - deny: {{ path: \"{d}/secret/**\", access: [read] }}\n\
+             \x20   - deny: {{ path: \"{d}/exact\", access: [write] }}\n\
+             \x20   - deny: {{ path: \"{d}/missing\" }}\n"
+        );
+        let p = load_str(&yaml, "t.yaml", &LoadContext::new("/home/u")).expect("policy");
+        let e = compile_files(&p.files, 4);
+        let ids = inode_denies(&p.files, &e, 4);
+        let id = |f: &str| inode_id(&std::fs::metadata(dir.join(f)).expect("stat"));
+        let find = |f: &str| ids.iter().find(|(k, _)| (k.dev, k.ino) == id(f)).map(|(_, v)| *v);
+        let linked = find("secret/sub/linked").expect("a linked file under a denied prefix");
+        assert_eq!(
+            (linked.read_verdict, linked.read_rule, linked.write_verdict),
+            (VERDICT_DENY, 0, 0)
+        );
+        let exact = find("exact").expect("the exact deny");
+        assert_eq!(
+            (exact.read_verdict, exact.write_verdict, exact.write_rule),
+            (0, VERDICT_DENY, 1)
+        );
+        assert!(
+            find("secret/single").is_none(),
+            "one link: no other name to guard"
+        );
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        assert!(
+            ids.iter()
+                .all(|(k, _)| k.sandbox_id == 4 && k.kind == INODE_KIND_FILE)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

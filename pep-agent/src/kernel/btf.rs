@@ -178,6 +178,16 @@ mod tests {
     }
 
     #[test]
+    fn counts_function_parameters() {
+        let btf = KernelBtf::load().expect("kernel BTF");
+        // bpf_lsm_file_open(struct file *file).
+        assert_eq!(btf.func_params("bpf_lsm_file_open").expect("func"), 1);
+        let n = btf.func_params("bpf_lsm_bpf").expect("func");
+        assert!(n == 3 || n == 4, "bpf hook parameters: {n}");
+        assert!(btf.func_params("no_such_function_here").is_err());
+    }
+
+    #[test]
     fn unknown_field_is_an_error() {
         let btf = KernelBtf::load().expect("kernel BTF");
         let err = btf.offset_of("file", "no_such_field").unwrap_err();
