@@ -90,9 +90,20 @@ pub enum Miss {
     Reject,
 }
 
-/// Consults the cache for `key` and, on a miss, holds or asks.
+/// Consults the cache for the destination (`family`, `daddr`: canonical,
+/// IPv4-mapped IPv6 given as IPv4) and, on a miss, holds or asks. The key
+/// and the event are built in per-CPU scratch, not on the stack (connect4/6
+/// are near its limit).
 #[inline(always)]
-pub fn on_miss(ctx: &SockAddrContext, sb: &Sandbox, key: &VerdictKey) -> Miss {
+pub fn on_miss(
+    ctx: &SockAddrContext,
+    sb: &Sandbox,
+    op: u32,
+    protocol: u32,
+    port: u16,
+    family: u32,
+    daddr: &[u8; 16],
+) -> Miss {
     // SAFETY: plain data written whole by userspace.
     let Some(cfg) = (unsafe { ASK_SANDBOXES.get(sb.config.sandbox_id) }) else {
         return Miss::NotAsked;
@@ -100,10 +111,24 @@ pub fn on_miss(ctx: &SockAddrContext, sb: &Sandbox, key: &VerdictKey) -> Miss {
     if cfg.flags & ASK_FLAG_NET == 0 {
         return Miss::NotAsked;
     }
+    let Some(ev) = ASK_SCRATCH.get_ptr_mut(0) else {
+        audit::bump(COUNTER_ASK_LOST);
+        return Miss::Reject;
+    };
+    // SAFETY: this CPU's scratch slot, used only within this program run.
+    let ev = unsafe { &mut *ev };
+    let key = &mut ev.key;
+    key.sandbox_id = sb.config.sandbox_id;
+    key.action = op;
+    key.protocol = protocol;
+    key.dport = u32::from(port);
+    key._pad = 0;
+    key.family = family;
+    key.daddr = *daddr;
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     // SAFETY: plain data written whole by userspace.
-    if let Some(entry) = unsafe { VERDICT_CACHE.get(key) }
+    if let Some(entry) = unsafe { VERDICT_CACHE.get(&ev.key) }
         && entry.revision == cfg.revision
         && now < entry.expires_ns
     {
@@ -111,20 +136,13 @@ pub fn on_miss(ctx: &SockAddrContext, sb: &Sandbox, key: &VerdictKey) -> Miss {
         return Miss::Cached(entry.verdict);
     }
     audit::bump(COUNTER_CACHE_MISS);
-    let Some(ev) = ASK_SCRATCH.get_ptr_mut(0) else {
-        audit::bump(COUNTER_ASK_LOST);
-        return Miss::Reject;
-    };
-    // SAFETY: this CPU's scratch slot, used only within this program run.
-    let ev = unsafe { &mut *ev };
     let audit_mode = sb.config.mode == MODE_AUDIT;
-    let hold = key.protocol == u32::from(PROTO_TCP) && key.action == ACTION_NET_CONNECT && !audit_mode;
+    let hold = protocol == u32::from(PROTO_TCP) && op == ACTION_NET_CONNECT && !audit_mode;
     audit::fill_header(&mut ev.header, KIND_ASK, sb, VERDICT_DENY, SOURCE_PDP, RULE_NONE);
-    ev.key = *key;
     ev.saddr = [0; 16];
     ev.sport = 0;
     ev.sent = 0;
-    ev.sock_family = key.family;
+    ev.sock_family = ev.key.family;
     if hold {
         // SAFETY: the sock_addr context is a valid helper argument.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };

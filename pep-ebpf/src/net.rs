@@ -30,7 +30,6 @@ use crate::{
     ask::{self, Miss},
     audit, dns, sandbox,
 };
-use pep_common::ask::VerdictKey;
 
 #[map]
 static NET_V4: LpmTrie<NetKeyV4, NetRuleSet> = LpmTrie::with_max_entries(65536, 0);
@@ -126,41 +125,29 @@ fn decide(
         return PROCEED;
     }
     let sandbox_id = sb.config.sandbox_id.to_be_bytes();
-    // The PDP cache key: IPv4-mapped destinations share their IPv4 entry.
-    let mut ask_key = VerdictKey {
-        sandbox_id: sb.config.sandbox_id,
-        action: op,
-        family: AF_INET6,
-        protocol,
-        dport: u32::from(port),
-        _pad: 0,
-        daddr,
+    // The canonical destination: IPv4-mapped IPv6 is IPv4 (the DNS and PDP
+    // caches key on it). The PDP's key is built in per-CPU scratch by
+    // `ask::on_miss`: the 6.1 verifier's 512-byte stack is nearly used here.
+    let (canon_family, canon) = match &dest {
+        Dest::V4(a) => (
+            AF_INET,
+            [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ),
+        Dest::V6(a) => (AF_INET6, *a),
     };
     let rules = match dest {
-        Dest::V4(addr) => {
-            ask_key.family = AF_INET;
-            ask_key.daddr = [0; 16];
-            ask_key.daddr[..4].copy_from_slice(&addr);
-            NET_V4.get(Key::new(SANDBOX_PREFIX_BITS + 32, NetKeyV4 { sandbox_id, addr }))
-        }
+        Dest::V4(addr) => NET_V4.get(Key::new(SANDBOX_PREFIX_BITS + 32, NetKeyV4 { sandbox_id, addr })),
         Dest::V6(addr) => NET_V6.get(Key::new(SANDBOX_PREFIX_BITS + 128, NetKeyV6 { sandbox_id, addr })),
     };
     let (verdict, source, rule_idx) = match rules
         .and_then(|set| first_match(set, port, protocol as u8))
         // Addresses the resolver learned from allowed names decide where no
         // CIDR rule matched (a CIDR deny beats a DNS answer; `dns.rs`).
-        .or_else(|| {
-            dns::learned(
-                sb.config.sandbox_id,
-                ask_key.family,
-                &ask_key.daddr,
-                port,
-                protocol as u8,
-            )
-        }) {
+        .or_else(|| dns::learned(sb.config.sandbox_id, canon_family, &canon, port, protocol as u8))
+    {
         Some((verdict, idx)) => (verdict, SOURCE_RULE, idx),
         // `network.default: ask`: the verdict cache, else the PDP.
-        None => match ask::on_miss(ctx, &sb, &ask_key) {
+        None => match ask::on_miss(ctx, &sb, op, protocol, port, canon_family, &canon) {
             Miss::NotAsked => (sb.config.net_default, SOURCE_DEFAULT, RULE_NONE),
             Miss::Cached(verdict) => (verdict, SOURCE_CACHE, RULE_NONE),
             // The PDP task in userspace writes this attempt's record.
