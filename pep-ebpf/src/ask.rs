@@ -95,6 +95,10 @@ pub enum Miss {
 /// and the event are built in per-CPU scratch, not on the stack (connect4/6
 /// are near its limit).
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is looked up where it lies in scratch; by value it would be copied onto the full stack"
+)]
 pub fn on_miss(
     ctx: &SockAddrContext,
     sb: &Sandbox,
