@@ -33,6 +33,9 @@ fn an_ordinary_user_gets_a_sandbox_and_others_cannot_touch_it() {
         false,
     );
     d.start();
+    // nobody must be able to read the probe wherever the checkout lives.
+    let probe = d.scratch.dir.join("net_probe.py");
+    std::fs::copy(net_probe(), &probe).expect("copy probe");
 
     // `run` through the daemon, as nobody, with the granted policy.
     let out = d.cli(
@@ -45,7 +48,7 @@ fn an_ordinary_user_gets_a_sandbox_and_others_cannot_touch_it() {
             "job1",
             "--",
             "python3",
-            net_probe().to_str().expect("utf8"),
+            probe.to_str().expect("utf8"),
             "tcp",
             "127.0.0.1",
             &denied.port().to_string(),
