@@ -267,4 +267,26 @@ fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("pdp.txt"), &report);
+    // The document `cargo xtask bench` collects: the connect rows, with the
+    // whole text report beside them.
+    let (p99h, p99r, p99n) = (pct(&mut hit, 0.99), pct(&mut rule, 0.99), pct(&mut none, 0.99));
+    let doc = serde_json::json!({"benchmark": "pdp", "quick": quick, "rows": [
+        {"scenario": "connect, verdict-cache hit", "p50_ns": p50h, "p99_ns": p99h,
+         "baseline_p50_ns": p50r, "baseline_p99_ns": p99r,
+         "ratio_p50": p50h as f64 / p50r as f64, "ratio_p99": p99h as f64 / p99r as f64,
+         "note": "baseline: compiled-rule hit"},
+        {"scenario": "connect, compiled-rule hit", "p50_ns": p50r, "p99_ns": p99r,
+         "baseline_p50_ns": p50n, "baseline_p99_ns": p99n,
+         "ratio_p50": p50r as f64 / p50n as f64, "ratio_p99": p99r as f64 / p99n as f64,
+         "note": "baseline: no agent"}],
+        "report": report});
+    println!("PEP_BENCH_JSON {doc}");
+    let out = std::env::var_os("PEP_BENCH_OUT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or(dir);
+    let file = if quick { "pdp-quick.json" } else { "pdp.json" };
+    let _ = std::fs::write(
+        out.join(file),
+        serde_json::to_string_pretty(&doc).unwrap_or_default(),
+    );
 }
