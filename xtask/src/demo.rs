@@ -79,7 +79,7 @@ pub fn run() -> Result<()> {
         "mkdir -p /tmp/ws && echo hello > /tmp/ws/notes.txt && echo SECRET=1 > /tmp/ws/.env && \
          {bin} run --policy {root}/examples/demo-files.yaml --name demo-files --audit /tmp/a.jsonl -- sh -c \
          'echo \"$ cat /tmp/ws/notes.txt\"; cat /tmp/ws/notes.txt; echo \"$ cat /tmp/ws/.env\"; cat /tmp/ws/.env; echo \"$ cat /etc/shadow\"; cat /etc/shadow; true'; \
-         {bin} events tail -o compact --file /tmp/a.jsonl",
+         echo \"== denials (pep-agent events tail -o compact --verdict deny)\"; {bin} events tail -o compact --verdict deny --file /tmp/a.jsonl",
         bin = bin.display(),
         root = root.display()
     );
