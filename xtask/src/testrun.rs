@@ -274,7 +274,13 @@ pub fn run(opts: Options) -> Result<()> {
         let cmds: Vec<vm::VmCommand> = vm_bins
             .iter()
             .map(|b| {
-                let mut c = vm::VmCommand::new(b.name.clone(), [b.exe.display().to_string()]);
+                // One test at a time in the guest: concurrent loads of the LSM
+                // programs (trampoline updates) were seen to soft-lock the
+                // 6.1 guest's two emulated CPUs under TCG.
+                let mut c = vm::VmCommand::new(
+                    b.name.clone(),
+                    [b.exe.display().to_string(), "--test-threads=1".to_string()],
+                );
                 c.cwd = b.manifest_dir.clone();
                 c.env
                     .push(("PEP_AGENT_BIN".into(), pep_agent.display().to_string()));
