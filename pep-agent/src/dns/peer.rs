@@ -11,49 +11,13 @@ use std::{
     path::Path,
 };
 
+use crate::kernel::sockdiag::{
+    NETLINK_SOCK_DIAG, NLM_F_REQUEST, NLMSG_ERROR, NlMsgHdr, ReqV2, Request, SockId,
+};
+
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NETLINK_SOCK_DIAG: i32 = 4;
-const NLM_F_REQUEST: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
 /// `INET_DIAG_NOCOOKIE`: do not check the cookie.
 const NO_COOKIE: u32 = u32::MAX;
-
-#[repr(C)]
-struct NlMsgHdr {
-    len: u32,
-    ty: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-}
-
-/// `struct inet_diag_sockid`.
-#[repr(C)]
-struct SockId {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    src: [u8; 16],
-    dst: [u8; 16],
-    ifindex: u32,
-    cookie: [u32; 2],
-}
-
-/// `struct inet_diag_req_v2`.
-#[repr(C)]
-struct ReqV2 {
-    family: u8,
-    protocol: u8,
-    ext: u8,
-    pad: u8,
-    states: u32,
-    id: SockId,
-}
-
-#[repr(C)]
-struct Request {
-    hdr: NlMsgHdr,
-    req: ReqV2,
-}
 
 /// A socket as sock_diag describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

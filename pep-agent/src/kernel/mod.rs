@@ -4,3 +4,4 @@
 pub mod btf;
 pub mod cgroup;
 pub mod features;
+pub mod sockdiag;

@@ -9,50 +9,14 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
+use crate::kernel::sockdiag::{
+    NETLINK_SOCK_DIAG, NLM_F_REQUEST, NLMSG_ERROR, NlMsgHdr, ReqV2, Request, SockId,
+};
+
 /// `SOCK_DESTROY` netlink message type.
 const SOCK_DESTROY: u16 = 21;
-const NETLINK_SOCK_DIAG: i32 = 4;
-const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
-const NLMSG_ERROR: u16 = 2;
 const IPPROTO_TCP: u8 = 6;
-
-#[repr(C)]
-struct NlMsgHdr {
-    len: u32,
-    ty: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-}
-
-/// `struct inet_diag_sockid`.
-#[repr(C)]
-struct SockId {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    src: [u8; 16],
-    dst: [u8; 16],
-    ifindex: u32,
-    cookie: [u32; 2],
-}
-
-/// `struct inet_diag_req_v2`.
-#[repr(C)]
-struct ReqV2 {
-    family: u8,
-    protocol: u8,
-    ext: u8,
-    pad: u8,
-    states: u32,
-    id: SockId,
-}
-
-#[repr(C)]
-struct Request {
-    hdr: NlMsgHdr,
-    req: ReqV2,
-}
 
 /// One TCP socket, as the kernel's socket lookup wants it.
 #[derive(Debug, Clone, Copy)]
