@@ -103,6 +103,10 @@ pub const COUNTER_CACHE_HIT: u32 = 2;
 pub const COUNTER_CACHE_MISS: u32 = 3;
 /// Asks that could not be sent (ring buffer full or too many held connects).
 pub const COUNTER_ASK_LOST: u32 = 4;
+/// `file_open` decisions answered from the per-file verdict cache.
+pub const COUNTER_FILE_CACHE_HIT: u32 = 5;
+/// `file_open` decisions that resolved and matched the path.
+pub const COUNTER_FILE_CACHE_MISS: u32 = 6;
 
 /// Offsets into kernel structs, resolved from the running kernel's BTF by
 /// userspace and set as read-only globals before load.
@@ -146,6 +150,9 @@ pub const SELF_PTRACE: u32 = 4;
 pub const SELF_MODULE: u32 = 5;
 /// A write to, or a change in, a BPF file system.
 pub const SELF_BPFFS: u32 = 6;
+/// A change to the file-system namespace: mount, umount, move_mount,
+/// pivot_root or chroot (each would change what a path names).
+pub const SELF_MOUNT: u32 = 7;
 
 /// A self-protection decision. Always a deny.
 #[repr(C)]

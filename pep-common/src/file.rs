@@ -77,3 +77,42 @@ pub struct ExecRuleValue {
     /// Index in the policy's `exec.rules`.
     pub rule: u32,
 }
+
+/// Value of the kernel's per-file verdict cache (`FILE_CACHE`, keyed by the
+/// `struct inode` address; kernel-only, never written by userspace).
+///
+/// A file's decision depends on its resolved path, so the entry keeps what
+/// the path was resolved from and is used only when all of it still holds:
+/// the same sandbox generation (a reload gives a sandbox a new id), the same
+/// inode identity (device, number, generation: the address may be reused
+/// after the inode is freed), a single link, the same mount, the same task
+/// root, and no rename of a directory or change to the mount tree since
+/// (`epoch`). The rule matches themselves are kept, not a verdict, so one
+/// entry answers every access.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FileCacheValue {
+    pub sandbox_id: u32,
+    /// `inode.i_generation`.
+    pub generation: u32,
+    /// The tree epoch read before the path was resolved.
+    pub epoch: u64,
+    pub dev: u64,
+    pub ino: u64,
+    /// The `struct vfsmount` the file was opened through.
+    pub mnt: u64,
+    /// The opening task's root, mount and dentry (paths are relative to it).
+    pub root_mnt: u64,
+    pub root: u64,
+    /// The longest prefix/exact match per access (0: none).
+    pub best: FileRuleValue,
+    /// The `name` rule on the last component (0: none).
+    pub name: FileRuleValue,
+    /// The denials recorded for the inode itself (`INODE_RULES`).
+    pub inode: FileRuleValue,
+    /// Bytes of `path` in use, NUL excluded; `u32::MAX` when unresolved.
+    pub path_len: u32,
+    /// `inode.i_nlink` when the entry was made (always 1 in the cache).
+    pub nlink: u32,
+    pub path: [u8; crate::event::PATH_MAX_LEN],
+}

@@ -16,6 +16,11 @@
 //! under denied prefixes), so a hard link made before the sandbox started
 //! cannot reach a denied file by another name.
 //!
+//! `file_open` keeps what it resolved and matched per file in a verdict cache
+//! (`filecache.rs`), so reopening a file skips the resolution and the walk;
+//! the cache answers only while the path it was resolved from still holds.
+//! Every decision, cached or not, is recorded with its path.
+//!
 //! Self-protection comes first: a write to, or a change in, a cgroup or BPF
 //! file system (recognised by the superblock's magic, not by path, so another
 //! mount of it is caught too) is denied whatever the policy (`protect.rs`).
@@ -34,17 +39,18 @@ use aya_ebpf::{
 };
 use pep_common::{
     event::{
-        ACCESS_READ, ACCESS_WRITE, FileEvent, KIND_FILE, PATH_MAX_LEN, RULE_NONE, SELF_BPFFS, SELF_CGROUP,
-        SOURCE_DEFAULT, SOURCE_RULE, VERDICT_ALLOW, VERDICT_DENY,
+        ACCESS_READ, ACCESS_WRITE, COUNTER_FILE_CACHE_HIT, COUNTER_FILE_CACHE_MISS, FileEvent, KIND_FILE,
+        PATH_MAX_LEN, RULE_NONE, SELF_BPFFS, SELF_CGROUP, SOURCE_DEFAULT, SOURCE_RULE, VERDICT_ALLOW,
+        VERDICT_DENY,
     },
     file::{
-        FNV_OFFSET, FNV_PRIME, FileRuleKey, FileRuleValue, INODE_KIND_FILE, InodeKey, KIND_EXACT, KIND_NAME,
-        KIND_PREFIX,
+        FNV_OFFSET, FNV_PRIME, FileCacheValue, FileRuleKey, FileRuleValue, INODE_KIND_FILE, InodeKey,
+        KIND_EXACT, KIND_NAME, KIND_PREFIX,
     },
     sandbox::MODE_AUDIT,
 };
 
-use crate::{audit, kernel, protect, sandbox, vfs};
+use crate::{audit, filecache, kernel, protect, sandbox, vfs};
 
 #[map]
 static FILE_RULES: HashMap<FileRuleKey, FileRuleValue> = HashMap::with_max_entries(65536, 0);
@@ -107,22 +113,40 @@ fn try_file_open(ctx: &LsmContext) -> i32 {
     let inode = vfs::file_inode(file);
     // SAFETY: as above; `f_path` is a `struct path` member of `struct file`.
     let f_path = unsafe { file.add(kernel::file_f_path() as usize) } as *mut path;
+    let (mnt, dentry) = vfs::path_parts(f_path as *const u8);
     if access & ACCESS_WRITE != 0
         && let Some(op) = protected_fs(vfs::inode_sb(inode))
     {
-        let (mnt, dentry) = vfs::path_parts(f_path as *const u8);
         return protect::deny_path(&sb, op, mnt, dentry, 0);
     }
-    let Some(buf) = PATH_SCRATCH.get_ptr_mut(0) else {
+    let Some(v) = filecache::CACHE_SCRATCH.get_ptr_mut(0) else {
         return -EPERM;
     };
     // SAFETY: per-CPU scratch, valid for this run.
-    let buf = unsafe { &mut *buf };
+    let v = unsafe { &mut *v };
+    // Identity (and the tree epoch) first, before anything is resolved.
+    filecache::identify(v, inode, mnt);
+    if let Some(cached) = filecache::lookup(v, inode as u64, sb.config.sandbox_id) {
+        audit::bump(COUNTER_FILE_CACHE_HIT);
+        return record(&sb, cached, access);
+    }
+    audit::bump(COUNTER_FILE_CACHE_MISS);
     // SAFETY: `f_path` points into the hook's `struct file`.
-    let len = unsafe { bpf_d_path(f_path, buf.as_mut_ptr() as *mut _, PATH_MAX_LEN as u32) };
+    let len = unsafe { bpf_d_path(f_path, v.path.as_mut_ptr() as *mut _, PATH_MAX_LEN as u32) };
+    // A file in a mount the task's root does not reach has no path that
+    // means anything here (`vfs::mount_reachable`). Through `opaque`: one
+    // state onwards, whichever way the loop in `mount_reachable` ended.
+    let [len, reachable, _, _] = vfs::opaque([len as u64, u64::from(vfs::mount_reachable(mnt)), 0, 0]);
+    let len = len as i64;
     // bpf_d_path counts the NUL.
-    let path_len = if len > 0 { Some((len - 1) as u32) } else { None };
-    decide(&sb, path_len, buf, access, inode)
+    let path_len = if len > 0 && reachable != 0 {
+        Some((len - 1) as u32)
+    } else {
+        None
+    };
+    resolve(&sb, path_len, v, inode);
+    filecache::insert(v, inode as u64, sb.config.sandbox_id);
+    record(&sb, v, access)
 }
 
 /// Which self-protection applies to writes on the file system of `sb_ptr`.
@@ -141,36 +165,36 @@ fn decide_dentry(sb: &sandbox::Sandbox, mnt: *const u8, dentry: *const u8, acces
     if let Some(op) = protected_fs(vfs::dentry_sb(dentry)) {
         return protect::deny_path(sb, op, mnt, dentry, 0);
     }
-    let Some(buf) = PATH_SCRATCH.get_ptr_mut(0) else {
+    let Some(v) = filecache::CACHE_SCRATCH.get_ptr_mut(0) else {
         return -EPERM;
     };
     // SAFETY: per-CPU scratch, valid for this run.
-    let buf = unsafe { &mut *buf };
-    let path_len = vfs::dentry_path(mnt, dentry, buf);
-    decide(sb, path_len, buf, access, vfs::dentry_inode(dentry))
+    let v = unsafe { &mut *v };
+    let path_len = vfs::dentry_path(mnt, dentry, &mut v.path);
+    resolve(sb, path_len, v, vfs::dentry_inode(dentry));
+    record(sb, v, access)
 }
 
-/// Decides `access` to the file whose resolved path is in `buf` (its length
+/// Fills `v` for the file whose resolved path is in `v.path` (its length
 /// `path_len`, `None` when it could not be resolved) and whose inode is
-/// `inode` (may be null: a name being created), records it, and returns the
-/// hook's answer. The length comes from the resolver, not from the hashing
-/// walk: a length the verifier knows exactly per loop exit would make it
-/// verify everything after the loop once per exit.
+/// `inode` (may be null: a name being created): the rule matches of the
+/// path and the denials of the inode. The length comes from the resolver,
+/// not from the hashing walk: a length the verifier knows exactly per loop
+/// exit would make it verify everything after the loop once per exit.
 #[inline(always)]
-fn decide(
-    sb: &sandbox::Sandbox,
-    path_len: Option<u32>,
-    buf: &mut [u8; PATH_MAX_LEN],
-    access: u32,
-    inode: *const u8,
-) -> i32 {
-    let (mut verdict, mut source, mut rule) = match path_len {
-        Some(_) => match_path(sb, buf, access),
-        // Unresolvable or longer than PATH_MAX_LEN: fail closed.
-        None => (VERDICT_DENY, SOURCE_DEFAULT, RULE_NONE),
+fn resolve(sb: &sandbox::Sandbox, path_len: Option<u32>, v: &mut FileCacheValue, inode: *const u8) {
+    v.best = FileRuleValue::default();
+    v.name = FileRuleValue::default();
+    v.inode = FileRuleValue::default();
+    // Unresolvable, or longer than PATH_MAX_LEN: `record` fails closed.
+    v.path_len = u32::MAX;
+    let Some(len) = path_len else {
+        return;
     };
-    let path_len = path_len.unwrap_or(u32::MAX);
-    if verdict != VERDICT_DENY && !inode.is_null() {
+    if !match_path(sb, v) {
+        return;
+    }
+    if !inode.is_null() {
         let (dev, ino) = vfs::inode_id(inode);
         let key = InodeKey {
             sandbox_id: sb.config.sandbox_id,
@@ -179,23 +203,75 @@ fn decide(
             ino,
         };
         // SAFETY: plain data written whole by userspace.
-        if let Some(v) = unsafe { INODE_RULES.get(key) } {
-            if access & ACCESS_READ != 0 && v.read_verdict == VERDICT_DENY {
-                (verdict, source, rule) = (VERDICT_DENY, SOURCE_RULE, v.read_rule);
-            } else if access & ACCESS_WRITE != 0 && v.write_verdict == VERDICT_DENY {
-                (verdict, source, rule) = (VERDICT_DENY, SOURCE_RULE, v.write_rule);
-            }
+        if let Some(d) = unsafe { INODE_RULES.get(key) } {
+            v.inode = *d;
         }
     }
+    v.path_len = len;
+}
+
+/// Decides `access` from the matches in `v`, records the decision with
+/// `v`'s path, and returns the hook's answer.
+#[inline(always)]
+fn record(sb: &sandbox::Sandbox, v: &FileCacheValue, access: u32) -> i32 {
+    let (verdict, source, rule) = combine(sb, v, access);
     let [verdict, source, rule, path_len] =
-        vfs::opaque([verdict.into(), source.into(), rule.into(), path_len.into()]).map(|x| x as u32);
-    audit::emit(|ev: &mut FileEvent| {
+        vfs::opaque([verdict.into(), source.into(), rule.into(), v.path_len.into()]).map(|x| x as u32);
+    let path = v.path.as_ptr();
+    audit::emit_decision(verdict, |ev: &mut FileEvent| {
         audit::fill_header(&mut ev.header, KIND_FILE, sb, verdict, source, rule);
         ev.access = access;
         ev.path_len = path_len;
-        vfs::copy(ev.path.as_mut_ptr(), buf.as_ptr(), PATH_MAX_LEN);
+        vfs::copy(ev.path.as_mut_ptr(), path, PATH_MAX_LEN);
     });
     answer(sb, verdict)
+}
+
+/// (verdict, source, rule index) for `access` from the matches in `v`. Read
+/// and write are decided separately, each by its own longest match; the
+/// access is allowed only when both allow. A `name` deny beats every allow;
+/// an inode denial applies whatever the path.
+#[inline(always)]
+fn combine(sb: &sandbox::Sandbox, v: &FileCacheValue, access: u32) -> (u32, u32, u32) {
+    if v.path_len == u32::MAX {
+        // Fail closed.
+        return (VERDICT_DENY, SOURCE_DEFAULT, RULE_NONE);
+    }
+    let (want_r, want_w) = (access & ACCESS_READ != 0, access & ACCESS_WRITE != 0);
+    if want_r && v.name.read_verdict == VERDICT_DENY {
+        return (VERDICT_DENY, SOURCE_RULE, v.name.read_rule);
+    }
+    if want_w && v.name.write_verdict == VERDICT_DENY {
+        return (VERDICT_DENY, SOURCE_RULE, v.name.write_rule);
+    }
+    let default = sb.config.file_default;
+    let (rv, rr, rs) = match v.best.read_verdict {
+        0 => (default, RULE_NONE, SOURCE_DEFAULT),
+        x => (x, v.best.read_rule, SOURCE_RULE),
+    };
+    let (wv, wr, ws) = match v.best.write_verdict {
+        0 => (default, RULE_NONE, SOURCE_DEFAULT),
+        x => (x, v.best.write_rule, SOURCE_RULE),
+    };
+    let by_path = if want_w && wv == VERDICT_DENY {
+        (wv, ws, wr)
+    } else if want_r && rv == VERDICT_DENY {
+        (rv, rs, rr)
+    } else if want_w {
+        (wv, ws, wr)
+    } else if want_r {
+        (rv, rs, rr)
+    } else {
+        // Neither read nor write (e.g. O_PATH-like opens): nothing to decide.
+        (VERDICT_ALLOW, SOURCE_DEFAULT, RULE_NONE)
+    };
+    if want_r && v.inode.read_verdict == VERDICT_DENY {
+        return (VERDICT_DENY, SOURCE_RULE, v.inode.read_rule);
+    }
+    if want_w && v.inode.write_verdict == VERDICT_DENY {
+        return (VERDICT_DENY, SOURCE_RULE, v.inode.write_rule);
+    }
+    by_path
 }
 
 /// Walks the NUL-terminated path in `buf` once, calling `visit(kind, hash)`
@@ -235,77 +311,44 @@ pub fn walk_keys(buf: &[u8; PATH_MAX_LEN], mut visit: impl FnMut(u32, u64)) -> O
     Some(name_h)
 }
 
-/// Returns (verdict, source, rule index) for `access` to the NUL-terminated
-/// path in `buf`. Read and write are decided separately, each by its own
-/// longest match; the access is allowed only when both allow.
+/// Matches the NUL-terminated path in `v.path` against the sandbox's rules:
+/// the longest prefix/exact match per access into `v.best`, the `name` rule
+/// of the last component into `v.name`. Returns false when the path holds no
+/// NUL (then nothing may be decided from it).
 #[inline(always)]
-fn match_path(sb: &sandbox::Sandbox, buf: &[u8; PATH_MAX_LEN], access: u32) -> (u32, u32, u32) {
+fn match_path(sb: &sandbox::Sandbox, v: &mut FileCacheValue) -> bool {
     let sandbox_id = sb.config.sandbox_id;
-    let Some(best) = BEST.get_ptr_mut(0) else {
-        return (VERDICT_DENY, SOURCE_DEFAULT, RULE_NONE);
-    };
-    // SAFETY: per-CPU scratch, valid for this run.
-    let best = unsafe { &mut *best };
-    *best = FileRuleValue::default();
-    let Some(name_h) = walk_keys(buf, |kind, hash| {
+    let best = &mut v.best;
+    let Some(name_h) = walk_keys(&v.path, |kind, hash| {
         // SAFETY: plain data written whole by userspace.
-        if let Some(v) = unsafe {
+        if let Some(r) = unsafe {
             FILE_RULES.get(FileRuleKey {
                 sandbox_id,
                 kind,
                 hash,
             })
         } {
-            if v.read_verdict != 0 {
-                (best.read_verdict, best.read_rule) = (v.read_verdict, v.read_rule);
+            if r.read_verdict != 0 {
+                (best.read_verdict, best.read_rule) = (r.read_verdict, r.read_rule);
             }
-            if v.write_verdict != 0 {
-                (best.write_verdict, best.write_rule) = (v.write_verdict, v.write_rule);
+            if r.write_verdict != 0 {
+                (best.write_verdict, best.write_rule) = (r.write_verdict, r.write_rule);
             }
         }
     }) else {
-        return (VERDICT_DENY, SOURCE_DEFAULT, RULE_NONE);
+        return false;
     };
-    // A `name` deny beats every allow.
     // SAFETY: plain data written whole by userspace.
-    if let Some(v) = unsafe {
+    if let Some(r) = unsafe {
         FILE_RULES.get(FileRuleKey {
             sandbox_id,
             kind: KIND_NAME,
             hash: name_h,
         })
     } {
-        if access & ACCESS_READ != 0 && v.read_verdict == VERDICT_DENY {
-            return (VERDICT_DENY, SOURCE_RULE, v.read_rule);
-        }
-        if access & ACCESS_WRITE != 0 && v.write_verdict == VERDICT_DENY {
-            return (VERDICT_DENY, SOURCE_RULE, v.write_rule);
-        }
+        v.name = *r;
     }
-    let default = sb.config.file_default;
-    let (rv, rr, rs) = match best.read_verdict {
-        0 => (default, RULE_NONE, SOURCE_DEFAULT),
-        v => (v, best.read_rule, SOURCE_RULE),
-    };
-    let (wv, wr, ws) = match best.write_verdict {
-        0 => (default, RULE_NONE, SOURCE_DEFAULT),
-        v => (v, best.write_rule, SOURCE_RULE),
-    };
-    let (want_r, want_w) = (access & ACCESS_READ != 0, access & ACCESS_WRITE != 0);
-    if want_w && wv == VERDICT_DENY {
-        return (wv, ws, wr);
-    }
-    if want_r && rv == VERDICT_DENY {
-        return (rv, rs, rr);
-    }
-    if want_w {
-        return (wv, ws, wr);
-    }
-    if want_r {
-        return (rv, rs, rr);
-    }
-    // Neither read nor write (e.g. O_PATH-like opens): nothing to decide.
-    (VERDICT_ALLOW, SOURCE_DEFAULT, RULE_NONE)
+    true
 }
 
 // The hooks that change the tree. Each one: an earlier program's denial
@@ -320,6 +363,8 @@ pub fn path_unlink(ctx: LsmContext) -> i32 {
     if retval != 0 {
         return retval;
     }
+    let dentry: *const u8 = ctx.arg(1);
+    filecache::name_removed(dentry);
     dir_entry(&ctx, 0, 1)
 }
 
@@ -340,6 +385,8 @@ pub fn path_rmdir(ctx: LsmContext) -> i32 {
     if retval != 0 {
         return retval;
     }
+    let dentry: *const u8 = ctx.arg(1);
+    filecache::name_removed(dentry);
     dir_entry(&ctx, 0, 1)
 }
 
@@ -433,13 +480,17 @@ pub fn path_rename(ctx: LsmContext) -> i32 {
     if retval != 0 {
         return retval;
     }
-    let Some(sb) = sandbox::current() else {
-        return 0;
-    };
     let old_dir: *const u8 = ctx.arg(0);
     let old_dentry: *const u8 = ctx.arg(1);
     let new_dir: *const u8 = ctx.arg(2);
     let new_dentry: *const u8 = ctx.arg(3);
+    // For every process: the names change (the target, if any, is replaced
+    // or, with RENAME_EXCHANGE, moved too).
+    filecache::name_moves(old_dentry);
+    filecache::name_moves(new_dentry);
+    let Some(sb) = sandbox::current() else {
+        return 0;
+    };
     let (old_mnt, _) = vfs::path_parts(old_dir);
     let rc = decide_dentry(&sb, old_mnt, old_dentry, ACCESS_WRITE);
     if rc != 0 {

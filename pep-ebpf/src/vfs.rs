@@ -119,6 +119,19 @@ pub fn path_parts(path: *const u8) -> (*const u8, *const u8) {
     )
 }
 
+/// The calling task's root (`current->fs->root`): mount and dentry, null
+/// when they cannot be read. Paths are relative to it.
+#[inline(always)]
+pub fn task_root() -> (*const u8, *const u8) {
+    // SAFETY: plain helper call; the task pointer is only probe-read.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let fs = read_ptr(task, global(&TASK_FS));
+    if fs.is_null() {
+        return (core::ptr::null(), core::ptr::null());
+    }
+    path_parts(fs.wrapping_add(global(&FS_ROOT)))
+}
+
 /// `file->f_inode`.
 #[inline(always)]
 pub fn file_inode(file: *const u8) -> *const u8 {
@@ -243,14 +256,7 @@ pub fn dentry_path(vfsmnt: *const u8, dentry: *const u8, out: &mut [u8; PATH_MAX
     if vfsmnt.is_null() || dentry.is_null() {
         return None;
     }
-    // SAFETY: plain helper call; the task pointer is only probe-read.
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    let fs = read_ptr(task, global(&TASK_FS));
-    let (root_mnt, root_dentry) = if fs.is_null() {
-        (core::ptr::null(), core::ptr::null())
-    } else {
-        path_parts(fs.wrapping_add(global(&FS_ROOT)))
-    };
+    let (root_mnt, root_dentry) = task_root();
     // SAFETY: per-CPU map value, ours for this run.
     unsafe {
         *st = WalkState {
@@ -324,8 +330,12 @@ extern "C" fn walk_step(_index: u32, _ctx: *mut core::ffi::c_void) -> i64 {
         // At the root of this mount: continue at its mount point.
         let parent = read_ptr(mount, global(&MOUNT_MNT_PARENT));
         if parent.is_null() || parent == mount {
-            // The global root.
-            st.status = WALK_DONE;
+            // The root of a mount tree without having passed the task's
+            // root: another namespace's tree (`/proc/PID/root`), a detached
+            // mount (`open_tree`, `fsmount`), or outside a chroot. The
+            // kernel's d_path would name it from that tree's root, a path
+            // that says nothing about where the file is: not resolvable.
+            st.status = WALK_FAILED;
             return 1;
         }
         st.d = read_ptr(mount, global(&MOUNT_MNT_MOUNTPOINT)) as usize;
@@ -339,8 +349,8 @@ extern "C" fn walk_step(_index: u32, _ctx: *mut core::ffi::c_void) -> i64 {
         return 1;
     }
     if parent == d {
-        // The root of a tree that is not mounted (e.g. a detached mount).
-        st.status = WALK_DONE;
+        // The root of a tree that is not mounted: as above.
+        st.status = WALK_FAILED;
         return 1;
     }
     let off_name = global(&DENTRY_D_NAME);
@@ -369,6 +379,39 @@ extern "C" fn walk_step(_index: u32, _ctx: *mut core::ffi::c_void) -> i64 {
     st.pos = pos;
     st.d = parent as usize;
     0
+}
+
+/// Most mounts between a file's mount and the task's root mount.
+const MAX_MOUNT_DEPTH: u32 = 32;
+
+/// Whether the mount `vfsmnt` is reachable from the calling task's root:
+/// climbing the mount tree from it meets the root's mount before the top of
+/// a tree. `bpf_d_path` names a file in an unreachable mount (another mount
+/// namespace's tree through `/proc/PID/root`, a detached `open_tree` or
+/// `fsmount` mount) from that tree's own root, a path that says nothing
+/// about where the file is, so a sandboxed open through one is not
+/// resolvable (fail closed). Deeper than `MAX_MOUNT_DEPTH`: unreachable.
+#[inline(always)]
+pub fn mount_reachable(vfsmnt: *const u8) -> bool {
+    let (root_mnt, _) = task_root();
+    if vfsmnt.is_null() || root_mnt.is_null() {
+        return false;
+    }
+    let mut mount = vfsmnt.wrapping_sub(global(&MOUNT_MNT));
+    let mut i = 0;
+    // Bounded by MAX_MOUNT_DEPTH.
+    while i < MAX_MOUNT_DEPTH {
+        if mount.wrapping_add(global(&MOUNT_MNT)) == root_mnt {
+            return true;
+        }
+        let parent = read_ptr(mount, global(&MOUNT_MNT_PARENT));
+        if parent.is_null() || parent == mount {
+            return false;
+        }
+        mount = parent;
+        i += 1;
+    }
+    false
 }
 
 /// Per-CPU slot for `opaque`.

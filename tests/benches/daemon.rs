@@ -1,7 +1,7 @@
 //! The host daemon's costs: time from start to ready (fresh load, and
 //! adopting pinned programs after SIGKILL), reload time of a policy of
-//! 10,000 rules, and the daemon's RSS idle and under a flood of denied
-//! calls. Writes `$PEP_BENCH_OUT/daemon[-quick].json`.
+//! 10,000 rules, and the daemon's RSS and CPU idle and under a flood of
+//! denied calls. Writes `$PEP_BENCH_OUT/daemon[-quick].json`.
 //!
 //! `cargo bench -p pep-tests --bench daemon [-- --quick]` (or `cargo xtask bench`).
 
@@ -18,6 +18,22 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// CPU time (ns) of every thread of `pid` so far (schedstat: ns on a CPU).
+fn cpu_ns(pid: u32) -> u64 {
+    let mut sum = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        sum += std::fs::read_to_string(t.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    sum
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -99,6 +115,11 @@ fn main() {
         "",
     ));
     let with_rules = rss_kib(d.pid());
+    // Idle CPU: a window with the sandbox installed and nothing running.
+    let window = Duration::from_secs(if quick { 1 } else { 3 });
+    let (t, c) = (Instant::now(), cpu_ns(d.pid()));
+    std::thread::sleep(window);
+    let idle_cpu = 100.0 * (cpu_ns(d.pid()) - c) as f64 / 1e9 / t.elapsed().as_secs_f64();
     rows.push(row("daemon RSS idle", idle as f64 / 1024.0, "MiB", "no sandbox"));
     rows.push(row(
         "daemon RSS with a 10,000-rule sandbox",
@@ -120,12 +141,13 @@ fn main() {
     }
     let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().expect("flood");
     let mut peak = 0;
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu_ns(d.pid()));
     while child.try_wait().expect("wait").is_none() {
         peak = peak.max(rss_kib(d.pid()));
         std::thread::sleep(Duration::from_millis(20));
     }
     let secs = t.elapsed().as_secs_f64();
+    let flood_cpu = 100.0 * (cpu_ns(d.pid()) - c) as f64 / 1e9 / secs;
     let mut flood_out = String::new();
     std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut flood_out)
         .expect("flood output");
@@ -137,6 +159,18 @@ fn main() {
         peak as f64 / 1024.0,
         "MiB",
         &format!("{count} denied sendto in {secs:.1} s, each an audit record (flood: {flood_out})"),
+    ));
+    rows.push(row(
+        "daemon CPU idle, 10,000-rule sandbox",
+        idle_cpu,
+        "% of a CPU",
+        &format!("all threads, over {} s", window.as_secs()),
+    ));
+    rows.push(row(
+        "daemon CPU under a flood of denied sends",
+        flood_cpu,
+        "% of a CPU",
+        &format!("all threads, while {count} denied sendto ran ({secs:.1} s)"),
     ));
     d.stop();
 

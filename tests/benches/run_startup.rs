@@ -2,13 +2,15 @@
 //! without it, interleaved:
 //! - time from `run` to the child's exec (the child prints CLOCK_REALTIME);
 //! - policy load (parse, compile, load the object, install) at 10,000 rules;
-//! - agent peak RSS (VmHWM) idle and under a flood of denied sends.
+//! - agent peak RSS (VmHWM) and CPU idle and under a flood of denied sends
+//!   (every one recorded or counted lost).
 //!
 //! `cargo bench -p pep-tests --bench run_startup [-- --quick]`
 
 use std::{
+    io::{BufRead as _, BufReader, Read as _},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -64,17 +66,55 @@ fn policy_text(n: usize) -> String {
     s
 }
 
-/// Peak RSS in KiB of `pep-agent run` while its child runs `cmd`.
-fn peak_rss(policy: &Path, cmd: &[&str]) -> u64 {
+/// CPU time (ns) of every thread of `pid` so far (schedstat: ns on a CPU).
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut sum = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+        sum += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(sum)
+}
+
+/// What `pep-agent run` cost while its child ran.
+struct Usage {
+    /// Peak RSS (VmHWM), KiB.
+    peak_kib: u64,
+    /// CPU of the agent (all threads) from the child's start to its end, in
+    /// % of one CPU.
+    cpu_pct: f64,
+    /// The child's stdout after its `up` line.
+    child_out: String,
+    /// Seconds from the child's start until pep-agent exited.
+    secs_to_exit: f64,
+}
+
+/// Runs `cmd` under `pep-agent run` (extra arguments `extra`); samples the
+/// agent from the moment the child prints `up` (set-up done) until it ends.
+fn usage(policy: &Path, extra: &[&str], cmd: &[&str]) -> Usage {
     let mut child = Command::new(pep_agent_bin())
         .args(["run", "--policy"])
         .arg(policy)
-        .args(["--audit", "/dev/null", "--"])
+        .args(extra)
+        .args(["--", "sh", "-c", "echo up; exec \"$@\"", "sh"])
         .args(cmd)
+        .stdout(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let status_path = PathBuf::from(format!("/proc/{}/status", child.id()));
-    let mut peak = 0;
+    let pid = child.id();
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("child's first line");
+    assert_eq!(line.trim(), "up", "child said {line:?}");
+    let (t0, c0) = (Instant::now(), cpu_ns(pid).expect("agent cpu"));
+    // The rest of the child's output, read as it comes.
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let status_path = PathBuf::from(format!("/proc/{pid}/status"));
+    let (mut peak, mut last) = (0, (t0, c0));
     loop {
         if let Ok(s) = std::fs::read_to_string(&status_path)
             && let Some(l) = s.lines().find(|l| l.starts_with("VmHWM:"))
@@ -86,11 +126,41 @@ fn peak_rss(policy: &Path, cmd: &[&str]) -> u64 {
                     .unwrap_or(0),
             );
         }
-        if child.try_wait().expect("wait").is_some() {
-            return peak;
+        // Sampled while the child runs (its stdout is open): the agent's
+        // own teardown is not part of the idle or flood figure.
+        if !reader.is_finished()
+            && let Some(c) = cpu_ns(pid)
+        {
+            last = (Instant::now(), c);
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    let secs_to_exit = t0.elapsed().as_secs_f64();
+    let secs = last.0.duration_since(t0).as_secs_f64().max(1e-3);
+    Usage {
+        peak_kib: peak,
+        cpu_pct: 100.0 * (last.1 - c0) as f64 / 1e9 / secs,
+        child_out: reader.join().unwrap_or_default(),
+        secs_to_exit,
+    }
+}
+
+/// (records, lost) in an audit log: `audit.lost` records count the lost.
+fn audit_counts(log: &Path) -> (u64, u64) {
+    let (mut recorded, mut lost) = (0, 0);
+    for l in std::fs::read_to_string(log).expect("audit log").lines() {
+        let v: serde_json::Value = serde_json::from_str(l).expect("record");
+        let n = v["count"].as_u64();
+        if v["action"] == "audit.lost" {
+            lost += n.unwrap_or(0);
+        } else {
+            recorded += n.unwrap_or(1);
+        }
+    }
+    (recorded, lost)
 }
 
 fn main() {
@@ -120,7 +190,7 @@ fn main() {
         serde_json::json!({"scenario": "time from `pep-agent run` to the child's exec (10,000 rules)",
         "p50_ns": o50, "p99_ns": o99, "baseline_p50_ns": b50, "baseline_p99_ns": b99,
         "ratio_p50": o50 as f64 / b50 as f64, "ratio_p99": o99 as f64 / b99 as f64,
-        "note": "baseline: spawning the same command directly"}),
+        "note": format!("baseline: spawning the same command directly; {bin}")}),
     );
 
     // 2. policy load at 10,000 rules, in process.
@@ -164,18 +234,46 @@ fn main() {
     );
     rows.push(serde_json::json!({"scenario": "policy load: parse, compile, load programs, write maps, attach (10,000 rules)", "p50_ns": l50, "p99_ns": l99}));
 
-    // 3. agent peak RSS idle and under a flood.
-    let idle = peak_rss(&p10k, &["sleep", "1"]);
-    let flood = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/flood");
-    let flood = if flood.exists() {
-        flood
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/flood")
-    };
+    // 3. agent peak RSS and CPU, idle and under a flood.
+    let idle_s = if quick { "1" } else { "3" };
+    let idle = usage(&p10k, &["--audit", "/dev/null"], &["sleep", idle_s]);
+    let flood = Path::new(env!("CARGO_BIN_EXE_flood"));
     let n = if quick { "200000" } else { "1000000" };
-    let under = peak_rss(&p10k, &[flood.to_str().expect("utf8"), "10.0.0.1", "9", n, "udp"]);
-    rows.push(serde_json::json!({"scenario": "pep-agent run peak RSS, idle (10,000 rules)", "value": idle, "unit": "KiB"}));
-    rows.push(serde_json::json!({"scenario": format!("pep-agent run peak RSS, flood of {n} denied sends"), "value": under, "unit": "KiB"}));
+    let log = s.dir.join("flood.jsonl");
+    let log_s = log.to_str().expect("utf8");
+    let under = usage(
+        &p10k,
+        &["--audit", log_s],
+        &[flood.to_str().expect("utf8"), "10.0.0.1", "9", n, "udp"],
+    );
+    let (recorded, lost) = audit_counts(&log);
+    // flood prints `calls N eperm N other N ns N ...`.
+    let words: Vec<&str> = under.child_out.split_whitespace().collect();
+    let field = |k: &str| -> u64 {
+        words
+            .iter()
+            .position(|w| *w == k)
+            .and_then(|i| words.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in flood output {:?}", under.child_out))
+    };
+    let (calls, flood_ns) = (field("calls"), field("ns"));
+    assert_eq!(
+        recorded + lost,
+        calls,
+        "every denied send is recorded or counted lost"
+    );
+    rows.push(serde_json::json!({"scenario": "pep-agent run peak RSS, idle (10,000 rules)", "value": idle.peak_kib, "unit": "KiB"}));
+    rows.push(serde_json::json!({"scenario": format!("pep-agent run peak RSS, flood of {n} denied sends"), "value": under.peak_kib, "unit": "KiB"}));
+    let pct1 = |x: f64| (x * 10.0).round() / 10.0;
+    rows.push(
+        serde_json::json!({"scenario": "pep-agent run CPU, idle (10,000 rules)", "value": pct1(idle.cpu_pct),
+        "unit": "% of a CPU", "note": format!("all threads, over the child's {idle_s} s sleep")}),
+    );
+    rows.push(serde_json::json!({"scenario": format!("pep-agent run CPU, flood of {n} denied sends"), "value": pct1(under.cpu_pct),
+        "unit": "% of a CPU", "note": format!("all threads, while the flood runs ({:.2} s); ring buffer to JSON lines in a file: \
+        {recorded} records, {lost} counted lost in-band, all written {:.2} s after the flood's start (audit throughput: the audit benchmark)",
+        flood_ns as f64 / 1e9, under.secs_to_exit)}));
 
     for r in &rows {
         println!("{r}");

@@ -17,6 +17,13 @@ Exec:
   exec PATH (run PATH --version, or "PATH ARG..." split on spaces with
   "exec-args"), ldso PATH (run PATH through the dynamic loader),
   mprotect-exec PATH (map PATH readable, then mprotect it executable).
+Coordination with the test:
+  wait PATH (until PATH exists, at most 60 s; ETIMEDOUT after).
+Mount tree (self-protection):
+  mount-bind "A|B" (bind A on B), umount PATH, chroot PATH,
+  move-mount "A|B" (open_tree clone of A attached on B by move_mount),
+  open-tree-read "DIR|REL" (open_tree clone of DIR, detached, then read REL
+  through it).
 Self-protection:
   bpf (BPF_MAP_CREATE), kill-parent SIG, ptrace-parent, cgroup-write PATH
   (open for write), clone-into-cgroup DIR (clone3 CLONE_INTO_CGROUP),
@@ -41,6 +48,12 @@ SYS_init_module = 175
 SYS_finit_module = 313
 SYS_openat2 = 437
 SYS_clone3 = 435
+SYS_open_tree = 428
+SYS_move_mount = 429
+OPEN_TREE_CLONE = 1
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MS_BIND = 0x1000
 PTRACE_ATTACH = 16
 PTRACE_DETACH = 17
 CLONE_INTO_CGROUP = 0x200000000
@@ -143,6 +156,37 @@ def probe(op, arg):
         if addr is None or addr == ctypes.c_void_p(-1).value:
             raise OSError(ctypes.get_errno(), "mmap")
         check(libc.mprotect(ctypes.c_void_p(addr), 4096, 1 | 4))  # PROT_READ|PROT_EXEC
+    elif op == "wait":
+        import time
+
+        deadline = time.monotonic() + 60
+        while not os.path.exists(arg):
+            if time.monotonic() > deadline:
+                raise OSError(errno.ETIMEDOUT, "wait")
+            time.sleep(0.01)
+    elif op == "mount-bind":
+        a, b = arg.split("|")
+        check(libc.mount(a.encode(), b.encode(), None, MS_BIND, None))
+    elif op == "umount":
+        check(libc.umount2(arg.encode(), 0))
+    elif op == "chroot":
+        os.chroot(arg)
+    elif op == "move-mount":
+        a, b = arg.split("|")
+        fd = check(libc.syscall(SYS_open_tree, -100, a.encode(), OPEN_TREE_CLONE | AT_RECURSIVE))
+        try:
+            check(libc.syscall(SYS_move_mount, fd, b"", -100, b.encode(), MOVE_MOUNT_F_EMPTY_PATH))
+        finally:
+            os.close(fd)
+    elif op == "open-tree-read":
+        d, rel = arg.split("|")
+        tree = check(libc.syscall(SYS_open_tree, -100, d.encode(), OPEN_TREE_CLONE | AT_RECURSIVE))
+        try:
+            fd = os.open(rel, os.O_RDONLY, dir_fd=tree)
+            os.read(fd, 1)
+            os.close(fd)
+        finally:
+            os.close(tree)
     elif op == "bpf":
         # BPF_MAP_CREATE: an array map of one u32.
         attr = ctypes.create_string_buffer(struct.pack("IIIII", 2, 4, 4, 1, 0) + bytes(108))

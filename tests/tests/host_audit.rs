@@ -117,17 +117,30 @@ fn audit_files(path: &Path) -> Vec<PathBuf> {
     pep_agent::audit::verify::expand(&[path.to_path_buf()])
 }
 
-fn flood(policy: &Path, audit: &Path, count: u64, extra: &[&str], pace: Option<u64>) -> Finished {
+/// `pep-agent run` of `flood` making `count` denied calls (`udp` sends or
+/// `tcp` connects), at most `pace` per ms.
+fn flood_calls(
+    policy: &Path,
+    audit: &Path,
+    count: u64,
+    mode: &str,
+    extra: &[&str],
+    pace: Option<u64>,
+) -> Finished {
     let count = count.to_string();
     let pace = pace.map(|p| p.to_string());
     let mut args = vec!["run", "--policy", policy.to_str().expect("utf8")];
     args.extend(["--audit", audit.to_str().expect("utf8")]);
     args.extend(extra);
-    args.extend(["--", flood_bin(), "127.0.0.1", "9", &count, "udp"]);
+    args.extend(["--", flood_bin(), "127.0.0.1", "9", &count, mode]);
     if let Some(p) = &pace {
         args.push(p);
     }
     run_measured(&args)
+}
+
+fn flood(policy: &Path, audit: &Path, count: u64, extra: &[&str], pace: Option<u64>) -> Finished {
+    flood_calls(policy, audit, count, "udp", extra, pace)
 }
 
 #[test]
@@ -139,11 +152,12 @@ fn flood_of_denials_is_accounted_exactly_in_bounded_memory() {
 
     // A small run first: the baseline memory of a run.
     let small_log = s.dir.join("small.jsonl");
-    let small = flood(&policy, &small_log, 10_000, &[], None);
+    // Denied TCP connects (socket, connect, close), as fast as it can.
+    let small = flood_calls(&policy, &small_log, 10_000, "tcp", &[], None);
     assert_eq!(small.status, 0, "{}", small.describe());
 
     let log = s.dir.join("flood.jsonl");
-    let big = flood(&policy, &log, N, &[], None);
+    let big = flood_calls(&policy, &log, N, "tcp", &[], None);
     assert_eq!(big.status, 0, "{}", big.describe());
     assert!(
         big.stdout.contains(&format!("eperm {N} other 0")),
@@ -162,6 +176,10 @@ fn flood_of_denials_is_accounted_exactly_in_bounded_memory() {
         "records ({recorded}) + lost ({lost}) must equal the kernel's decisions ({decisions}); {n} lines"
     );
     assert!(recorded > 0, "some records made it");
+    let other = records
+        .iter()
+        .find(|r| r["action"] != "audit.lost" && (r["action"] != "net.connect" || r["verdict"] != "deny"));
+    assert!(other.is_none(), "only denied connects: {other:?}");
     // Bounded: a million decisions cost no more memory than ten thousand,
     // beyond noise (the pipeline holds no queue of its own).
     eprintln!(

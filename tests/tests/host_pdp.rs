@@ -533,3 +533,59 @@ fn policy_eval_and_check() {
         "{err}"
     );
 }
+
+#[test]
+fn audit_mode_misses_go_ahead_and_are_asked() {
+    let s = Scratch::new("pdp-audit");
+    let tport = tcp_server("127.0.0.1:0").port();
+    let uport = udp_server("127.0.0.1:0").port();
+    let opa = fake_opa(Duration::ZERO, |_| r#"{"result": false}"#.into());
+    let p = s.write(
+        "policy.yaml",
+        &format!(
+            "apiVersion: pep/v1\nname: pdpaudit\nmode: audit\nnetwork:\n  default: ask\n\
+             pdp:\n  engine: opa\n  opa: {{ url: \"http://{}/v1/data/pep/decision\", timeout_ms: 200 }}\n",
+            opa.addr
+        ),
+    );
+    let audit = s.dir.join("audit.jsonl");
+    let u = cmd(&["udp", "127.0.0.1", &uport.to_string()]);
+    let t = tcp("127.0.0.1", tport);
+    let (res, out) = probe(&p, &audit, &[u.clone(), t.clone(), cmd(&["sleep", "0.3"]), u, t]);
+    let ctx = describe(&out);
+    assert_eq!(
+        results(&res),
+        ["OK", "OK", "OK", "OK", "OK"],
+        "audit mode neither holds nor fails\n{ctx}"
+    );
+    for (r, ms) in &res {
+        assert!(
+            *ms < 1000,
+            "{r} took {ms} ms: a miss is not held in audit mode\n{ctx}"
+        );
+    }
+    assert_eq!(
+        opa.requests.load(Ordering::SeqCst),
+        2,
+        "one ask each; then the cache"
+    );
+    let recs = read_audit(&audit);
+    for port in [uport, tport] {
+        let seen: Vec<(&str, &str, &str)> = recs
+            .iter()
+            .filter(|r| r["net"]["dport"] == port)
+            .map(|r| {
+                (
+                    r["source"].as_str().unwrap_or(""),
+                    r["verdict"].as_str().unwrap_or(""),
+                    r["mode"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [("pdp", "deny", "audit"), ("cache", "deny", "audit")],
+            "what enforce would have done, for port {port}: {recs:#?}"
+        );
+    }
+}

@@ -1,7 +1,8 @@
 //! The rules query, in the VM (file rules need BPF LSM): a Rego policy
 //! produces the sandbox's `files` section (`pdp.rules: data.pep.rules`), the
 //! compiler compiles it, and the kernel enforces it. The YAML file itself
-//! has no file rules at all: the PDP is the single source of truth.
+//! has no file rules at all: the PDP is the single source of truth. The
+//! file's `vars` expand in the Rego-produced rules as in its own.
 
 use pep_tests::*;
 
@@ -25,7 +26,7 @@ fn rego_produced_file_rules_enforce() {
              # The sandbox's file rules, per sandbox name.\n\
              rules := {{\"files\": {{\"default\": \"allow\", \"rules\": [\n\
              \x20 {{\"allow\": {{\"path\": \"{root}/ws/**\", \"access\": [\"read\", \"write\"]}}}},\n\
-             \x20 {{\"deny\": {{\"path\": \"{root}/secret/**\", \"access\": [\"read\", \"write\"]}}}}\n\
+             \x20 {{\"deny\": {{\"path\": \"${{secrets}}/**\", \"access\": [\"read\", \"write\"]}}}}\n\
              ]}}}} if input.sandbox.name == \"rulesbox\"\n\
              decision := false\n"
         ),
@@ -33,7 +34,8 @@ fn rego_produced_file_rules_enforce() {
     let p = s.write(
         "p.yaml",
         &format!(
-            "apiVersion: pep/v1\nname: rulesbox\npdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n  rules: data.pep.rules\n",
+            "apiVersion: pep/v1\nname: rulesbox\nvars:\n  secrets: {root}/secret\n\
+             pdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n  rules: data.pep.rules\n",
             rego.display()
         ),
     );

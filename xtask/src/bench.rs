@@ -19,6 +19,9 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{setup, vm};
 
+/// The pep-agent binary every benchmark runs (`PEP_AGENT_BIN`).
+const AGENT_BIN: &str = "target/release/pep-agent";
+
 struct Bench {
     name: String,
     exe: PathBuf,
@@ -33,8 +36,9 @@ fn build(root: &Path) -> Result<Vec<Bench>> {
     if !st.success() {
         bail!("building the bench helpers failed");
     }
+    // The benchmarks measure the binary users run: the release build.
     let st = Command::new("cargo")
-        .args(["build", "--package", "pep-agent"])
+        .args(["build", "--release", "--package", "pep-agent"])
         .current_dir(root)
         .status()?;
     if !st.success() {
@@ -134,7 +138,7 @@ pub fn run(quick: bool) -> Result<()> {
             cmd.arg("--quick");
         }
         cmd.env("PEP_BENCH_OUT", &results)
-            .env("PEP_AGENT_BIN", root.join("target/debug/pep-agent"));
+            .env("PEP_AGENT_BIN", root.join(AGENT_BIN));
         if !cmd.current_dir(root.join("tests")).status()?.success() {
             failed.push(b.name.clone());
             continue;
@@ -158,10 +162,8 @@ pub fn run(quick: bool) -> Result<()> {
                 }
                 let mut c = vm::VmCommand::new(b.name.clone(), argv);
                 c.cwd = root.join("tests");
-                c.env.push((
-                    "PEP_AGENT_BIN".into(),
-                    root.join("target/debug/pep-agent").display().to_string(),
-                ));
+                c.env
+                    .push(("PEP_AGENT_BIN".into(), root.join(AGENT_BIN).display().to_string()));
                 // The guest writes into the run's writable export; the
                 // harness sets PEP_VM_RESULTS there.
                 c.env.push(("PEP_BENCH_OUT_IN_VM".into(), "1".into()));

@@ -11,7 +11,7 @@ use pep_common::event::{
 };
 use pep_common::event::{
     EXEC_OP_EXEC, EXEC_OP_MMAP, EXEC_OP_MPROTECT, ExecEvent, KIND_EXEC, KIND_SELF, SELF_BPF, SELF_BPFFS,
-    SELF_CGROUP, SELF_MODULE, SELF_PTRACE, SELF_SIGNAL, SelfEvent,
+    SELF_CGROUP, SELF_MODULE, SELF_MOUNT, SELF_PTRACE, SELF_SIGNAL, SelfEvent,
 };
 use pep_common::sandbox::{MODE_AUDIT, MODE_ENFORCE};
 
@@ -140,6 +140,7 @@ pub enum SelfOp {
     Ptrace,
     Module,
     Bpffs,
+    Mount,
 }
 
 impl SelfOp {
@@ -152,6 +153,7 @@ impl SelfOp {
             SelfOp::Ptrace => "self.ptrace",
             SelfOp::Module => "self.module",
             SelfOp::Bpffs => "self.bpffs",
+            SelfOp::Mount => "self.mount",
         }
     }
 }
@@ -207,6 +209,7 @@ fn decode_self(ev: &SelfEvent) -> Result<Decision, DecodeError> {
         SELF_PTRACE => SelfOp::Ptrace,
         SELF_MODULE => SelfOp::Module,
         SELF_BPFFS => SelfOp::Bpffs,
+        SELF_MOUNT => SelfOp::Mount,
         v => {
             return Err(DecodeError::Field {
                 field: "self op",

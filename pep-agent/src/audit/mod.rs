@@ -5,6 +5,9 @@ pub mod clock;
 pub mod compact;
 pub mod decode;
 pub mod hub;
+pub mod line;
+#[cfg(test)]
+mod line_tests;
 pub mod ocsf;
 pub mod pipeline;
 pub mod record;

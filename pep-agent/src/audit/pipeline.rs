@@ -192,6 +192,10 @@ pub struct Pipeline {
     /// The resolver's `dns.query` records, and the names of the addresses
     /// it learned, for `net.domain` (issue 7).
     dns_feed: Option<crate::dns::DnsFeed>,
+    /// The record being written and its line: reused, so that a decision
+    /// costs no allocation once they have grown.
+    scratch: Record,
+    line: String,
 }
 
 impl Pipeline {
@@ -225,6 +229,8 @@ impl Pipeline {
             contexts: None,
             pdp_feed: None,
             dns_feed: None,
+            scratch: Record::default(),
+            line: String::with_capacity(4096),
         })
     }
 
@@ -357,19 +363,19 @@ impl Pipeline {
     fn emit(&mut self, d: &Decision, count: Option<u64>) -> std::io::Result<()> {
         let h = d.header();
         let key = (h.pid, h.start_ns);
-        let exe = match self.exe_cache.get(&key) {
-            Some(e) => e.clone(),
-            None => {
-                if self.exe_cache.len() >= MAX_EXE_CACHE {
-                    self.exe_cache.clear();
-                }
-                let e = record::read_exe(h.pid);
-                self.exe_cache.insert(key, e.clone());
-                e
-            }
-        };
+        if self.exe_cache.len() >= MAX_EXE_CACHE && !self.exe_cache.contains_key(&key) {
+            self.exe_cache.clear();
+        }
+        let exe = self
+            .exe_cache
+            .entry(key)
+            .or_insert_with(|| record::read_exe(h.pid))
+            .as_deref();
         let ctx = self.contexts.as_ref().and_then(|f| f(h.sandbox_id));
-        let mut rec = record::build(self.chain.clock(), d, ctx.as_ref().unwrap_or(&self.sctx), exe);
+        // One record for every decision: its buffers are reused.
+        let mut rec = std::mem::take(&mut self.scratch);
+        self.chain
+            .fill(&mut rec, d, ctx.as_ref().unwrap_or(&self.sctx), exe);
         rec.count = count;
         if let Some(feed) = &self.pdp_feed {
             rec.pdp = feed.annotate(d);
@@ -378,7 +384,9 @@ impl Pipeline {
             feed.annotate(d, &mut rec);
         }
         self.totals.decisions_recorded += count.unwrap_or(1);
-        self.write(rec)
+        let r = self.write_ref(&mut rec);
+        self.scratch = rec;
+        r
     }
 
     fn close_window(&mut self, w: Window) -> std::io::Result<()> {
@@ -430,12 +438,18 @@ impl Pipeline {
         Ok(())
     }
 
-    fn write(&mut self, rec: Record) -> std::io::Result<()> {
-        let (rec, line) = self.chain.seal(rec);
+    fn write(&mut self, mut rec: Record) -> std::io::Result<()> {
+        self.write_ref(&mut rec)
+    }
+
+    /// Numbers and chains `rec`, writes its line (built in the reused line
+    /// buffer) and offers it to the tailers.
+    fn write_ref(&mut self, rec: &mut Record) -> std::io::Result<()> {
+        self.chain.seal_into(rec, &mut self.line);
         self.totals.records += 1;
-        self.sink.write_line(&line)?;
+        self.sink.write_line(&self.line)?;
         if let Some(hub) = &self.hub {
-            hub.publish(&rec, &line);
+            hub.publish(rec, &self.line);
         }
         Ok(())
     }
@@ -499,6 +513,14 @@ pub fn boot_ns() -> u64 {
 /// Most events handled before the task yields (tailers share the thread).
 const BATCH: usize = 4096;
 
+/// Longest wait for the ring buffer before the pump drains it anyway. The
+/// kernel submits allow records with `BPF_RB_NO_WAKEUP` (a wakeup per allowed
+/// call would cost every sandboxed process an IPI), so an allow that no
+/// denial or fill-level wakeup follows is seen only at this periodic drain:
+/// it bounds how late a live tailer sees it. It also bounds how late `stop`
+/// and closed coalescing windows are noticed.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
+
 /// Reads the ring buffer into `pipeline` until `stop` is set, then drains
 /// what is left. SIGUSR1 reopens the file sink. Returns the pipeline for
 /// `finish`.
@@ -513,19 +535,24 @@ pub async fn pump(
     // only to read from it).
     let mut fd = unsafe { AsyncFd::register(events) }?;
     let mut usr1 = tokio::signal::unix::signal(SignalKind::user_defined1()).ok();
+    // A drain without a wakeup stopped at BATCH: more is waiting.
+    let mut backlog = false;
     loop {
         let stopping = stop.load(Ordering::SeqCst);
-        // Wake at least every 50 ms to notice `stop` and close windows.
+        let wait = if backlog { Duration::ZERO } else { DRAIN_EVERY };
         tokio::select! {
-            r = tokio::time::timeout(Duration::from_millis(50), fd.readable_mut()) => {
-                if let Ok(guard) = r {
+            r = tokio::time::timeout(wait, fd.readable_mut()) => match r {
+                Ok(guard) => {
                     let mut guard = guard?;
                     let more = drain(guard.get_inner_mut(), &mut pipeline, BATCH)?;
                     if !more {
                         guard.clear_ready();
                     }
+                    backlog = false;
                 }
-            }
+                // No wakeup: records submitted without one may be waiting.
+                Err(_) => backlog = drain(fd.get_mut(), &mut pipeline, BATCH)?,
+            },
             _ = recv(&mut usr1) => {
                 tracing::info!("SIGUSR1: reopening the audit file");
                 pipeline.flush()?;

@@ -5,11 +5,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    clock::{BootClock, rfc3339},
+    clock::{BootClock, Rfc3339Cache},
     decode::{Decision, ExecOp, Header, Mode, NetOp, SelfOp, Source, Verdict},
 };
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Process {
     pub pid: u32,
     pub tid: u32,
@@ -28,13 +28,13 @@ pub struct Process {
     pub ancestors: Vec<Ancestor>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ancestor {
     pub pid: u32,
     pub comm: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Net {
     pub family: String,
     pub protocol: String,
@@ -44,19 +44,19 @@ pub struct Net {
     pub domain: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct File {
     pub path: Option<String>,
     pub access: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Exec {
     pub path: Option<String>,
     pub argv: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub ts: String,
     pub seq: u64,
@@ -93,16 +93,22 @@ pub const GENESIS: &str = "sha256:0000000000000000000000000000000000000000000000
 
 /// `sha256:<hex>` of one serialized line (without its newline).
 pub fn line_hash(line: &str) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let d = Sha256::digest(line.as_bytes());
     let mut s = String::with_capacity(7 + 64);
-    s.push_str("sha256:");
+    write_line_hash(&mut s, line);
+    s
+}
+
+/// Appends `sha256:<hex>` of `line` to `out`.
+pub fn write_line_hash(out: &mut String, line: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // sha2 picks the SHA-NI/AVX2 backend at run time (cpufeatures).
+    let d = Sha256::digest(line.as_bytes());
+    out.push_str("sha256:");
     // Per record, on the audit hot path: no `format!` per byte.
     for b in d {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0xf)]));
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
-    s
 }
 
 /// What the records of one sandbox share.
@@ -119,6 +125,7 @@ pub struct Chain {
     next_seq: u64,
     prev: String,
     clock: BootClock,
+    ts: Rfc3339Cache,
 }
 
 impl Default for Chain {
@@ -133,14 +140,22 @@ impl Chain {
             next_seq,
             prev,
             clock: BootClock::new(),
+            ts: Rfc3339Cache::default(),
         }
     }
 
     /// The record for `d`, serialized as one line, and chained.
     pub fn record(&mut self, d: &Decision, ctx: &SandboxContext) -> (Record, String) {
         let exe = read_exe(d.header().pid);
-        let rec = build(&self.clock, d, ctx, exe);
+        let mut rec = Record::default();
+        self.fill(&mut rec, d, ctx, exe.as_deref());
         self.seal(rec)
+    }
+
+    /// Overwrites `rec` with the unsealed record of `d`, reusing its
+    /// buffers (the pipeline keeps one record for all decisions).
+    pub fn fill(&mut self, rec: &mut Record, d: &Decision, ctx: &SandboxContext, exe: Option<&str>) {
+        fill(rec, &mut self.ts, &self.clock, d, ctx, exe);
     }
 
     /// An in-band `audit.lost` record for `count` events the kernel could
@@ -156,12 +171,21 @@ impl Chain {
 
     /// Numbers and chains a built record; returns it with its line.
     pub fn seal(&mut self, mut rec: Record) -> (Record, String) {
-        rec.seq = self.next_seq;
-        rec.prev = std::mem::take(&mut self.prev);
-        let line = serde_json::to_string(&rec).expect("records always serialize");
-        self.prev = line_hash(&line);
-        self.next_seq += 1;
+        let mut line = String::with_capacity(1024);
+        self.seal_into(&mut rec, &mut line);
         (rec, line)
+    }
+
+    /// Numbers and chains `rec` in place and writes its line into `line`
+    /// (cleared first): no allocation once the buffers have grown.
+    pub fn seal_into(&mut self, rec: &mut Record, line: &mut String) {
+        rec.seq = self.next_seq;
+        set(&mut rec.prev, &self.prev);
+        line.clear();
+        super::line::write_record(line, rec);
+        self.prev.clear();
+        write_line_hash(&mut self.prev, line);
+        self.next_seq += 1;
     }
 
     /// The `seq` the next record gets.
@@ -177,7 +201,9 @@ impl Chain {
 
 /// An unsealed `audit.lost` record.
 pub fn lost_record(count: u64, reason: &str, ctx: &SandboxContext) -> Record {
-    let mut rec = base(time::OffsetDateTime::now_utc(), ctx);
+    let mut rec = Record::default();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+    fill_base(&mut rec, &mut Rfc3339Cache::default(), now, ctx);
     rec.action = "audit.lost".into();
     rec.count = Some(count);
     rec.reason = Some(reason.into());
@@ -195,12 +221,64 @@ pub fn read_exe(pid: u32) -> Option<String> {
 /// The unsealed record of decision `d` (`seq` and `prev` are set by
 /// `Chain::seal`).
 pub fn build(clock: &BootClock, d: &Decision, ctx: &SandboxContext, exe: Option<String>) -> Record {
+    let mut rec = Record::default();
+    fill(
+        &mut rec,
+        &mut Rfc3339Cache::default(),
+        clock,
+        d,
+        ctx,
+        exe.as_deref(),
+    );
+    rec
+}
+
+/// `s = v`, keeping `s`'s buffer.
+fn set(s: &mut String, v: &str) {
+    s.clear();
+    s.push_str(v);
+}
+
+/// `o = v`, keeping `o`'s buffer when both are there.
+fn set_opt(o: &mut Option<String>, v: Option<&str>) {
+    match (o.as_mut(), v) {
+        (Some(s), Some(v)) => set(s, v),
+        (None, Some(v)) => *o = Some(v.to_owned()),
+        (_, None) => *o = None,
+    }
+}
+
+/// `<section>.rules[<i>]`, or none.
+fn set_rule(o: &mut Option<String>, section: &str, i: Option<u32>) {
+    let Some(i) = i else {
+        *o = None;
+        return;
+    };
+    let s = o.get_or_insert_default();
+    s.clear();
+    s.push_str(section);
+    s.push_str(".rules[");
+    super::line::write_u64(s, i.into());
+    s.push(']');
+}
+
+/// Overwrites every field of `rec` but `seq` and `prev` with the record of
+/// decision `d`, reusing `rec`'s buffers.
+pub fn fill(
+    rec: &mut Record,
+    ts: &mut Rfc3339Cache,
+    clock: &BootClock,
+    d: &Decision,
+    ctx: &SandboxContext,
+    exe: Option<&str>,
+) {
     let h = d.header();
-    let mut rec = base(clock.to_wall(h.ts_boot_ns), ctx);
+    fill_base(rec, ts, clock.to_unix_ns(h.ts_boot_ns), ctx);
     rec.verdict = Some(h.verdict);
     rec.mode = Some(h.mode);
     rec.source = Some(h.source);
-    rec.process = Some(process(h, exe));
+    fill_process(rec.process.get_or_insert_default(), h, exe);
+    let mut file: Option<(Option<&str>, bool, bool)> = None;
     match d {
         Decision::Net {
             op,
@@ -209,19 +287,21 @@ pub fn build(clock: &BootClock, d: &Decision, ctx: &SandboxContext, exe: Option<
             dport,
             header,
         } => {
-            rec.action = match op {
-                NetOp::Connect => "net.connect",
-                NetOp::Send => "net.send",
-            }
-            .into();
-            rec.rule = header.rule_idx.map(|i| format!("network.rules[{i}]"));
-            rec.net = Some(Net {
-                family: if daddr.is_ipv4() { "inet" } else { "inet6" }.into(),
-                protocol: protocol_name(*protocol),
-                daddr: daddr.to_string(),
-                dport: *dport,
-                domain: None,
-            });
+            set(
+                &mut rec.action,
+                match op {
+                    NetOp::Connect => "net.connect",
+                    NetOp::Send => "net.send",
+                },
+            );
+            set_rule(&mut rec.rule, "network", header.rule_idx);
+            let net = rec.net.get_or_insert_default();
+            set(&mut net.family, if daddr.is_ipv4() { "inet" } else { "inet6" });
+            set_protocol(&mut net.protocol, *protocol);
+            net.daddr.clear();
+            super::line::write_ip(&mut net.daddr, *daddr);
+            net.dport = *dport;
+            net.domain = None;
         }
         Decision::File {
             read,
@@ -229,19 +309,9 @@ pub fn build(clock: &BootClock, d: &Decision, ctx: &SandboxContext, exe: Option<
             path,
             header,
         } => {
-            rec.action = if *write { "file.write" } else { "file.open" }.into();
-            rec.rule = header.rule_idx.map(|i| format!("files.rules[{i}]"));
-            let mut access = Vec::new();
-            if *read {
-                access.push("read".to_string());
-            }
-            if *write {
-                access.push("write".to_string());
-            }
-            rec.file = Some(File {
-                path: path.clone(),
-                access,
-            });
+            set(&mut rec.action, if *write { "file.write" } else { "file.open" });
+            set_rule(&mut rec.rule, "files", header.rule_idx);
+            file = Some((path.as_deref(), *read, *write));
         }
         Decision::Exec {
             header,
@@ -249,8 +319,8 @@ pub fn build(clock: &BootClock, d: &Decision, ctx: &SandboxContext, exe: Option<
             path,
             argv,
         } => {
-            rec.action = "exec".into();
-            rec.rule = header.rule_idx.map(|i| format!("exec.rules[{i}]"));
+            set(&mut rec.action, "exec");
+            set_rule(&mut rec.rule, "exec", header.rule_idx);
             rec.exec = Some(Exec {
                 path: path.clone(),
                 argv: argv.clone(),
@@ -269,13 +339,10 @@ pub fn build(clock: &BootClock, d: &Decision, ctx: &SandboxContext, exe: Option<
             path,
             ..
         } => {
-            rec.action = op.action().into();
+            set(&mut rec.action, op.action());
             rec.rule = Some("self-protection".into());
             if path.is_some() || matches!(op, SelfOp::Cgroup | SelfOp::Bpffs) {
-                rec.file = Some(File {
-                    path: path.clone(),
-                    access: vec!["write".into()],
-                });
+                file = Some((path.as_deref(), false, true));
             }
             rec.reason = Some(match (op, target_pid) {
                 (SelfOp::Signal, Some(pid)) => format!("signal {arg} to protected process {pid}"),
@@ -288,71 +355,107 @@ pub fn build(clock: &BootClock, d: &Decision, ctx: &SandboxContext, exe: Option<
                 }
                 (SelfOp::Cgroup, _) => "write to a cgroup file system".into(),
                 (SelfOp::Bpffs, _) => "write to a BPF file system".into(),
+                (SelfOp::Mount, _) => {
+                    "change to the mount tree or the root (mount, umount, move_mount, pivot_root, chroot)"
+                        .into()
+                }
                 (SelfOp::Signal | SelfOp::Ptrace, None) => "protected process".into(),
             });
         }
     }
-    rec
-}
-
-fn base(ts: time::OffsetDateTime, ctx: &SandboxContext) -> Record {
-    Record {
-        ts: rfc3339(ts),
-        seq: 0,
-        id: ulid::Ulid::new().to_string(),
-        sandbox: ctx.name.clone(),
-        action: String::new(),
-        verdict: None,
-        mode: None,
-        source: None,
-        rule: None,
-        process: None,
-        net: None,
-        file: None,
-        exec: None,
-        pdp: None,
-        count: None,
-        reason: None,
-        degraded: ctx.degraded.clone(),
-        policy_revision: ctx.policy_revision.clone(),
-        prev: String::new(),
+    if !matches!(d, Decision::Net { .. }) {
+        rec.net = None;
+    }
+    if !matches!(d, Decision::Exec { .. }) {
+        rec.exec = None;
+    }
+    match file {
+        Some((path, read, write)) => {
+            let f = rec.file.get_or_insert_default();
+            set_opt(&mut f.path, path);
+            f.access.clear();
+            if read {
+                f.access.push("read".to_string());
+            }
+            if write {
+                f.access.push("write".to_string());
+            }
+        }
+        None => rec.file = None,
     }
 }
 
-fn process(h: &Header, exe: Option<String>) -> Process {
-    Process {
-        pid: h.pid,
-        tid: h.tid,
-        ppid: h.ppid,
-        uid: h.uid,
-        gid: h.gid,
-        comm: h.comm.clone(),
-        exe,
-        cgroup_id: h.cgroup_id,
-        key: process_key(h.pid, h.start_ns),
-        ancestors: h
-            .ancestors
-            .iter()
-            .map(|(pid, comm)| Ancestor {
+/// The fields every record has, for time `unix_ns`.
+fn fill_base(rec: &mut Record, ts: &mut Rfc3339Cache, unix_ns: i128, ctx: &SandboxContext) {
+    rec.ts.clear();
+    ts.write(&mut rec.ts, unix_ns);
+    rec.seq = 0;
+    let mut id = [0u8; ulid::ULID_LEN];
+    set(&mut rec.id, ulid::Ulid::new().array_to_str(&mut id));
+    set(&mut rec.sandbox, &ctx.name);
+    rec.action.clear();
+    rec.verdict = None;
+    rec.mode = None;
+    rec.source = None;
+    // `rule`, `process`, `net`, `file` and `exec` are `fill`'s, which reuses
+    // their buffers.
+    rec.pdp = None;
+    rec.count = None;
+    rec.reason = None;
+    set_opt(&mut rec.degraded, ctx.degraded.as_deref());
+    set(&mut rec.policy_revision, &ctx.policy_revision);
+    rec.prev.clear();
+}
+
+fn fill_process(p: &mut Process, h: &Header, exe: Option<&str>) {
+    p.pid = h.pid;
+    p.tid = h.tid;
+    p.ppid = h.ppid;
+    p.uid = h.uid;
+    p.gid = h.gid;
+    set(&mut p.comm, &h.comm);
+    set_opt(&mut p.exe, exe);
+    p.cgroup_id = h.cgroup_id;
+    p.key.clear();
+    write_process_key(&mut p.key, h.pid, h.start_ns);
+    p.ancestors.truncate(h.ancestors.len());
+    for (i, (pid, comm)) in h.ancestors.iter().enumerate() {
+        match p.ancestors.get_mut(i) {
+            Some(a) => {
+                a.pid = *pid;
+                set(&mut a.comm, comm);
+            }
+            None => p.ancestors.push(Ancestor {
                 pid: *pid,
                 comm: comm.clone(),
-            })
-            .collect(),
+            }),
+        }
     }
 }
 
 /// `<pid>:<start ns since boot>`.
 pub fn process_key(pid: u32, start_ns: u64) -> String {
-    format!("{pid}:{start_ns}")
+    let mut s = String::with_capacity(32);
+    write_process_key(&mut s, pid, start_ns);
+    s
 }
 
-fn protocol_name(p: u8) -> String {
+fn write_process_key(out: &mut String, pid: u32, start_ns: u64) {
+    super::line::write_u64(out, pid.into());
+    out.push(':');
+    super::line::write_u64(out, start_ns);
+}
+
+fn set_protocol(s: &mut String, p: u8) {
     match p {
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        1 => "icmp".into(),
-        58 => "icmpv6".into(),
-        n => n.to_string(),
+        6 => set(s, "tcp"),
+        17 => set(s, "udp"),
+        1 => set(s, "icmp"),
+        58 => set(s, "icmpv6"),
+        n => {
+            s.clear();
+            super::line::write_u64(s, n.into());
+        }
     }
 }
 

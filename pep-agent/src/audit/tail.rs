@@ -84,33 +84,15 @@ pub fn tail(
         match std::fs::metadata(path) {
             Ok(m) if ino(&m) != cur.id => {
                 // The old file is complete once renamed (the writer flushes
-                // before it rotates): read its rest, then every file rotated
-                // after it (more than one rotation may have happened since
-                // the last look), then the new live file.
+                // before it rotates): read its rest, then go on with the
+                // file written after it. One file at a time: the writer
+                // may rotate again meanwhile (several times between two
+                // looks), which this loop sees as the live path still
+                // naming another file than `cur`.
                 cur.read_available(filter, output, out)?;
-                let mut newer = Vec::new();
-                for n in 1..=1000 {
-                    let p = rotated(path, n);
-                    match std::fs::metadata(&p) {
-                        Ok(m) if ino(&m) == cur.id => break,
-                        Ok(_) => newer.push(p),
-                        Err(_) => {
-                            // Our file was removed (rotated away): nothing
-                            // newer to find with certainty.
-                            newer.clear();
-                            break;
-                        }
-                    }
-                }
-                for p in newer.iter().rev() {
-                    if let Ok(f) = File::open(p) {
-                        let mut r = Reader::new(p.clone(), f)?;
-                        r.read_available(filter, output, out)?;
-                    }
-                }
-                match File::open(path) {
-                    Ok(f) => cur = Reader::new(path.to_path_buf(), f)?,
-                    Err(_) => std::thread::sleep(POLL),
+                match next_file(path, cur.id)? {
+                    Some(next) => cur = next,
+                    None => std::thread::sleep(POLL),
                 }
                 continue;
             }
@@ -123,6 +105,58 @@ pub fn tail(
             _ => {}
         }
         std::thread::sleep(POLL);
+    }
+}
+
+/// The file written after the one with id `done`: the name just before
+/// it in `path`, `path.1`, `path.2`, ... (newest first), opened and checked
+/// to be the file that name held when looked up (names shift when the
+/// writer rotates). The live file when `done` is not among them (rotated
+/// away, or moved elsewhere by an outside rotator). `None` if that is
+/// missing too, for now.
+fn next_file(path: &Path, done: (u64, u64)) -> anyhow::Result<Option<Reader>> {
+    /// More lookups than this in a row means the names keep shifting
+    /// under us faster than we can look; settle for the live file.
+    const TRIES: usize = 100;
+    for _ in 0..TRIES {
+        // Newest first, up to `done`: the last of them was written after it.
+        let mut newer: Vec<(PathBuf, (u64, u64))> = Vec::new();
+        let mut found = false;
+        for n in 0..=MAX_ROTATED {
+            let p = if n == 0 {
+                path.to_path_buf()
+            } else {
+                rotated(path, n)
+            };
+            let Ok(m) = std::fs::metadata(&p) else { break };
+            if ino(&m) == done {
+                found = true;
+                break;
+            }
+            newer.push((p, ino(&m)));
+        }
+        let Some((name, want)) = newer.pop().filter(|_| found) else {
+            if found {
+                // `done` is the live file again: nothing newer yet.
+                return Ok(None);
+            }
+            return open_live(path);
+        };
+        let Ok(f) = File::open(&name) else { continue };
+        if ino(&f.metadata()?) == want {
+            return Ok(Some(Reader::new(name, f)?));
+        }
+    }
+    open_live(path)
+}
+
+/// The most rotated files `next_file` looks through.
+const MAX_ROTATED: u32 = 10_000;
+
+fn open_live(path: &Path) -> anyhow::Result<Option<Reader>> {
+    match File::open(path) {
+        Ok(f) => Ok(Some(Reader::new(path.to_path_buf(), f)?)),
+        Err(_) => Ok(None),
     }
 }
 

@@ -39,9 +39,9 @@ pub enum EnforcerError {
 /// The network hooks, attached to each sandbox's cgroup.
 pub const NET_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 /// The LSM hooks, attached globally and scoped by cgroup in the programs.
-/// (program name, hook): files (`file.rs`), exec (`exec.rs`) and
-/// self-protection (`protect.rs`).
-pub const LSM_PROGRAMS: [(&str, &str); 21] = [
+/// (program name, hook): files (`file.rs`), exec (`exec.rs`),
+/// self-protection (`protect.rs`) and the mount tree (`mount.rs`).
+pub const LSM_PROGRAMS: [(&str, &str); 26] = [
     ("file_open", "file_open"),
     ("path_unlink", "path_unlink"),
     ("path_mkdir", "path_mkdir"),
@@ -63,6 +63,11 @@ pub const LSM_PROGRAMS: [(&str, &str); 21] = [
     ("kernel_load_data", "kernel_load_data"),
     ("kernel_module_request", "kernel_module_request"),
     ("task_alloc", "task_alloc"),
+    ("sb_mount", "sb_mount"),
+    ("sb_umount", "sb_umount"),
+    ("move_mount", "move_mount"),
+    ("sb_pivotroot", "sb_pivotroot"),
+    ("path_chroot", "path_chroot"),
 ];
 
 /// What to load.
@@ -83,6 +88,28 @@ impl Enforcer {
     /// Loads the embedded object and the network programs; with `opts.lsm`,
     /// also loads and attaches the LSM programs.
     pub fn load(opts: LoadOptions) -> Result<Self, EnforcerError> {
+        let mut this = Self::load_net()?;
+        if opts.lsm {
+            this.load_lsm()?;
+        }
+        Ok(this)
+    }
+
+    /// Loads the object and the network programs, then tries the LSM
+    /// programs. If the kernel cannot run them, returns the network-only
+    /// enforcer with the reason, instead of an error: the object is parsed,
+    /// relocated and verified once, not once per attempt (which doubled the
+    /// start-up of `run` on kernels without BPF LSM).
+    pub fn load_lsm_if_available() -> Result<(Self, Option<String>), EnforcerError> {
+        let mut this = Self::load_net()?;
+        match this.load_lsm() {
+            Ok(()) => Ok((this, None)),
+            Err(EnforcerError::LsmUnavailable { reason }) => Ok((this, Some(reason))),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn load_net() -> Result<Self, EnforcerError> {
         let kbtf = KernelBtf::load()?;
         let offsets = btf::program_offsets(&kbtf)?;
         let mut loader = EbpfLoader::new();
@@ -95,13 +122,11 @@ impl Enforcer {
             prog.load()
                 .map_err(|source| EnforcerError::Program { name, source })?;
         }
-        let mut this = Self { ebpf, lsm: false };
-        if opts.lsm {
-            this.load_lsm()?;
-        }
-        Ok(this)
+        Ok(Self { ebpf, lsm: false })
     }
 
+    /// Loads and attaches every LSM program, or none: on a failure, the ones
+    /// already attached are unloaded, so the enforcer stays network-only.
     fn load_lsm(&mut self) -> Result<(), EnforcerError> {
         let lsm_list = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
         if !lsm_list.trim().split(',').any(|l| l == "bpf") {
@@ -112,19 +137,40 @@ impl Enforcer {
         let aya_btf = aya::Btf::from_sys_fs().map_err(|e| EnforcerError::LsmUnavailable {
             reason: e.to_string(),
         })?;
-        for (name, hook) in LSM_PROGRAMS {
+        for (i, (name, hook)) in LSM_PROGRAMS.into_iter().enumerate() {
             let prog: &mut Lsm = program(&mut self.ebpf, name)?;
-            prog.load(hook, &aya_btf)
+            let res = prog
+                .load(hook, &aya_btf)
                 .map_err(|e| EnforcerError::LsmUnavailable {
                     reason: format!("the kernel refused to load LSM program {name}: {e}"),
-                })?;
-            prog.attach()
-                .map_err(|source| EnforcerError::Program { name, source })?;
+                })
+                .and_then(|()| {
+                    prog.attach()
+                        .map(drop)
+                        .map_err(|source| EnforcerError::Program { name, source })
+                });
+            if let Err(e) = res {
+                self.unload_lsm(&LSM_PROGRAMS[..=i]);
+                return Err(e);
+            }
         }
         // Self-protection: no signal or ptrace from a sandbox reaches us.
-        self.protect_pid(std::process::id())?;
+        if let Err(e) = self.protect_pid(std::process::id()) {
+            self.unload_lsm(&LSM_PROGRAMS);
+            return Err(e);
+        }
         self.lsm = true;
         Ok(())
+    }
+
+    /// Detaches and unloads `progs` (best effort: a program that never
+    /// loaded has nothing to unload).
+    fn unload_lsm(&mut self, progs: &[(&'static str, &'static str)]) {
+        for (name, _) in progs {
+            if let Ok(prog) = program::<Lsm>(&mut self.ebpf, name) {
+                let _ = prog.unload();
+            }
+        }
     }
 
     /// Adds `tgid` to the processes that sandboxed processes may neither

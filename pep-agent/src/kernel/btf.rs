@@ -36,10 +36,15 @@ impl KernelBtf {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
-        let btf = Btf::from_file(path).map_err(|source| BtfError::Read {
+        let read = |source| BtfError::Read {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        // Read whole, then parsed in memory: btf-rs parsing from the file
+        // seeks for every type (about 125,000 lseek(2) on sysfs for a 6.x
+        // vmlinux, a tenth of a second).
+        let bytes = std::fs::read(path).map_err(|e| read(btf_rs::Error::from(e)))?;
+        let btf = Btf::from_bytes(&bytes).map_err(read)?;
         Ok(Self { btf })
     }
 
@@ -127,6 +132,11 @@ pub fn program_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u64)>, BtfE
         ("INODE_I_SB", btf.offset_of("inode", "i_sb")?),
         ("SB_S_DEV", btf.offset_of("super_block", "s_dev")?),
         ("SB_S_MAGIC", btf.offset_of("super_block", "s_magic")?),
+        // The file verdict cache (pep-ebpf filecache.rs): what an entry must
+        // agree with.
+        ("INODE_I_GENERATION", btf.offset_of("inode", "i_generation")?),
+        ("INODE_I_NLINK", btf.offset_of("inode", "i_nlink")?),
+        ("INODE_I_MODE", btf.offset_of("inode", "i_mode")?),
         ("BPRM_FILE", btf.offset_of("linux_binprm", "file")?),
         ("VMA_VM_FILE", btf.offset_of("vm_area_struct", "vm_file")?),
         ("PT_REGS_ORIG_AX", btf.offset_of("pt_regs", "orig_ax")?),

@@ -132,6 +132,13 @@ impl Pdp for Builtin {
             })
         })
     }
+
+    fn decide_now(&self, query: &super::query::Query) -> Option<Result<PdpDecision, PdpError>> {
+        Some(self.evaluate(&query.to_input()).map(|answer| PdpDecision {
+            answer,
+            decision_id: Some(new_decision_id()),
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //!   `engine` builds the one a policy's `pdp:` section selects;
 //! - `serve`: `pep-agent pdp serve`, an OPA-compatible Data API over regorus;
 //! - `rules`: a Rego rules query producing a sandbox's policy sections;
+//! - `revision`: when a reload changes the PDP's answers (and so the
+//!   verdict cache's revision stamp);
 //! - `eval`: `pep-agent policy eval`;
 //! - `cache`, `kernel`, `sockdiag`, `task`: the kernel side of asking (the
 //!   verdict cache and held connects in BPF maps, SOCK_DESTROY, and the task
@@ -21,6 +23,7 @@ pub mod kernel;
 pub mod opa;
 pub mod query;
 pub mod rego;
+pub mod revision;
 pub mod rules;
 pub mod serve;
 pub mod sockdiag;
@@ -60,6 +63,15 @@ pub trait Pdp: Send + Sync {
     /// `builtin`, `rego` or `opa`: the audit record's `pdp.engine`.
     fn engine(&self) -> &'static str;
     fn decide<'a>(&'a self, input: &'a serde_json::Value) -> DecideFuture<'a>;
+
+    /// The embedded engines answer in microseconds, synchronously: they
+    /// return `Some`, and the thread that reads the kernel's misses decides
+    /// right there, on the query itself (no JSON document in between, no
+    /// hop to another thread). A remote engine returns `None` and is asked
+    /// through `decide`.
+    fn decide_now(&self, _query: &query::Query) -> Option<Result<PdpDecision, PdpError>> {
+        None
+    }
 }
 
 /// A fresh decision id for the embedded engines.

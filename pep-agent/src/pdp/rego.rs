@@ -3,11 +3,16 @@
 //! Loading parses every module, so invalid Rego is rejected at `policy
 //! check` and at load, with regorus' `file:line:col` message.
 
-use std::{path::Path, sync::Mutex};
+use std::{collections::BTreeMap, path::Path, sync::Mutex};
 
 use serde_json::Value;
 
-use super::{DecideFuture, Pdp, PdpDecision, PdpError, answer::parse_result, new_decision_id};
+use super::{
+    DecideFuture, Pdp, PdpDecision, PdpError,
+    answer::parse_result,
+    new_decision_id,
+    query::{Query, Resource},
+};
 
 /// Invalid Rego, or a query that is not a rule of the loaded modules.
 #[derive(Debug, thiserror::Error)]
@@ -83,27 +88,116 @@ fn one_line(diag: &str, file: &str) -> String {
 /// Evaluates `query` (a rule path such as `data.pep.decision`, or any other
 /// reference into `data`) against `input`. `None`: undefined.
 pub fn eval_in(engine: &mut regorus::Engine, query: &str, input: &Value) -> Result<Option<Value>, RegoError> {
-    engine.set_input(regorus::Value::from(input.clone()));
-    let value = match engine.eval_rule(query.to_owned()) {
-        Ok(v) => v,
+    let value = eval_value(engine, query, regorus::Value::from(input.clone()))?;
+    if value == regorus::Value::Undefined {
+        return Ok(None);
+    }
+    to_json(query, &value).map(Some)
+}
+
+/// `eval_in` on an input already in regorus' form; the value as regorus
+/// gives it (`Undefined` when undefined).
+fn eval_value(
+    engine: &mut regorus::Engine,
+    query: &str,
+    input: regorus::Value,
+) -> Result<regorus::Value, RegoError> {
+    engine.set_input(input);
+    match engine.eval_rule(query.to_owned()) {
+        Ok(v) => Ok(v),
         // Not a rule (e.g. a package, `data.pep`): evaluate it as a query,
         // which is what OPA's Data API does for any path.
         Err(rule_err) => {
             let results = engine
                 .eval_query(query.to_owned(), false)
                 .map_err(|e| RegoError(format!("evaluating `{query}`: {rule_err:#}; as a query: {e:#}")))?;
-            match results.result.first().and_then(|r| r.expressions.first()) {
+            Ok(match results.result.first().and_then(|r| r.expressions.first()) {
                 Some(expr) => expr.value.clone(),
                 None => regorus::Value::Undefined,
-            }
+            })
         }
-    };
-    if value == regorus::Value::Undefined {
-        return Ok(None);
     }
-    serde_json::to_value(&value)
-        .map(Some)
+}
+
+fn to_json(query: &str, value: &regorus::Value) -> Result<Value, RegoError> {
+    serde_json::to_value(value)
         .map_err(|e| RegoError(format!("`{query}` gave a value that is not JSON: {e}")))
+}
+
+/// SPEC's decision query as regorus' input value, built field by field:
+/// the same document as `Value::from(query.to_input())` (a test checks),
+/// without the JSON document in between.
+pub fn input_value(q: &Query) -> regorus::Value {
+    use regorus::Value as V;
+    let obj = |fields: Vec<(&str, V)>| -> V {
+        V::from(
+            fields
+                .into_iter()
+                .map(|(k, v)| (V::from(k), v))
+                .collect::<BTreeMap<V, V>>(),
+        )
+    };
+    let s = &q.subject;
+    let labels: BTreeMap<V, V> = s
+        .labels
+        .iter()
+        .map(|(k, v)| (V::from(k.as_str()), V::from(v.as_str())))
+        .collect();
+    let subject = obj(vec![
+        ("sandbox", V::from(s.sandbox.as_str())),
+        ("pid", V::from(s.pid)),
+        ("uid", V::from(s.uid)),
+        ("comm", V::from(s.comm.as_str())),
+        ("exe", s.exe.as_deref().map_or(V::Null, V::from)),
+        ("labels", V::from(labels)),
+    ]);
+    let resource = match &q.resource {
+        Resource::Net {
+            daddr,
+            dport,
+            protocol,
+            domain,
+        } => {
+            let mut f = vec![
+                ("daddr", V::from(daddr.as_str())),
+                ("dport", V::from(u32::from(*dport))),
+                ("protocol", V::from(protocol.as_str())),
+            ];
+            if let Some(d) = domain {
+                f.push(("domain", V::from(d.as_str())));
+            }
+            obj(f)
+        }
+        Resource::File { path, access } => obj(vec![
+            ("path", V::from(path.as_str())),
+            (
+                "access",
+                V::from(access.iter().map(|a| V::from(a.as_str())).collect::<Vec<_>>()),
+            ),
+        ]),
+        Resource::Exec { path } => obj(vec![("path", V::from(path.as_str()))]),
+    };
+    let c = &q.context;
+    let context = obj(vec![
+        ("time", V::from(c.time.as_str())),
+        ("host", V::from(c.host.as_str())),
+        ("policy_revision", V::from(c.policy_revision.as_str())),
+    ]);
+    obj(vec![
+        ("subject", subject),
+        ("action", V::from(q.action.as_str())),
+        ("resource", resource),
+        ("context", context),
+    ])
+}
+
+/// The answer in `value` (a boolean needs no JSON).
+fn answer_of(query: &str, value: &regorus::Value) -> Result<super::Answer, RegoError> {
+    Ok(match value {
+        regorus::Value::Undefined => parse_result(None),
+        regorus::Value::Bool(b) => parse_result(Some(&Value::Bool(*b))),
+        v => parse_result(Some(&to_json(query, v)?)),
+    })
 }
 
 impl Pdp for Rego {
@@ -121,6 +215,23 @@ impl Pdp for Rego {
                 decision_id: Some(new_decision_id()),
             })
         })
+    }
+
+    fn decide_now(&self, query: &Query) -> Option<Result<PdpDecision, PdpError>> {
+        let input = input_value(query);
+        let value = {
+            let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+            eval_value(&mut engine, &self.query, input)
+        };
+        Some(
+            value
+                .and_then(|v| answer_of(&self.query, &v))
+                .map(|answer| PdpDecision {
+                    answer,
+                    decision_id: Some(new_decision_id()),
+                })
+                .map_err(|e| PdpError::Eval(e.to_string())),
+        )
     }
 }
 
@@ -164,6 +275,84 @@ mod tests {
         // A package path is evaluated as OPA would: the package's document.
         let pkg = r.eval("data.pep", &input(443)).expect("eval").expect("defined");
         assert_eq!(pkg["decision"], json!(true));
+    }
+
+    #[tokio::test]
+    async fn the_query_struct_is_the_same_input_as_its_json() {
+        use crate::pdp::query::{Context, Subject};
+        let q = |exe: Option<&str>, resource: Resource| Query {
+            subject: Subject {
+                sandbox: "s".into(),
+                pid: 42,
+                uid: 1000,
+                comm: "curl".into(),
+                exe: exe.map(Into::into),
+                labels: [("team".to_string(), "a".to_string())].into(),
+            },
+            action: "net.connect".into(),
+            resource,
+            context: Context {
+                time: "2026-11-25T16:20:20Z".into(),
+                host: "h".into(),
+                policy_revision: "sha256:x".into(),
+            },
+        };
+        let queries = [
+            q(
+                Some("/usr/bin/curl"),
+                Resource::net("::1".parse().unwrap(), 443, 6),
+            ),
+            q(
+                None,
+                Resource::Net {
+                    daddr: "192.0.2.1".into(),
+                    dport: 53,
+                    protocol: "udp".into(),
+                    domain: Some("example.com".into()),
+                },
+            ),
+            q(
+                None,
+                Resource::File {
+                    path: "/etc/x".into(),
+                    access: vec!["read".into(), "write".into()],
+                },
+            ),
+            q(
+                None,
+                Resource::Exec {
+                    path: "/bin/sh".into(),
+                },
+            ),
+        ];
+        for query in &queries {
+            assert_eq!(
+                input_value(query),
+                regorus::Value::from(query.to_input()),
+                "{query:?}"
+            );
+        }
+        // And decides alike: inline and through the JSON document.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = write(
+            dir.path(),
+            "p.rego",
+            "package pep\n\
+             default decision := false\n\
+             decision := {\"allow\": true, \"ttl_s\": 9} if {\n\
+               input.subject.labels.team == \"a\"\n\
+               input.resource.dport == 443\n\
+               input.subject.exe == \"/usr/bin/curl\"\n\
+             }\n",
+        );
+        let r = Rego::load(&[&f], "data.pep.decision").expect("load");
+        for query in &queries {
+            let now = r.decide_now(query).expect("embedded").expect("decides").answer;
+            let via_json = r.decide(&query.to_input()).await.expect("decides").answer;
+            assert_eq!(now, via_json, "{query:?}");
+        }
+        assert!(r.decide_now(&queries[0]).unwrap().unwrap().answer.allow);
+        assert_eq!(r.decide_now(&queries[0]).unwrap().unwrap().answer.ttl_s, Some(9));
     }
 
     #[test]

@@ -73,7 +73,8 @@ pub fn apply(policy: &mut Policy, sandbox: &str, home: &std::path::Path) -> Resu
         }
     };
     let value = value.ok_or_else(|| format!("{origin}: `{query}` is undefined for sandbox `{sandbox}`"))?;
-    let sections = parse_sections(&value, home).map_err(|e| format!("{origin}: `{query}`: {e}"))?;
+    let sections =
+        parse_sections(&value, &policy.vars, home).map_err(|e| format!("{origin}: `{query}`: {e}"))?;
     if let Some(n) = sections.network {
         policy.network = n;
     }
@@ -94,9 +95,15 @@ pub struct Sections {
     pub exec: Option<policy::ExecSection>,
 }
 
-/// Validates a rules value with the policy loader. Errors name the path in
-/// the value: `files.rules[1].allow.access: ...`.
-pub fn parse_sections(value: &Value, home: &std::path::Path) -> Result<Sections, String> {
+/// Validates a rules value with the policy loader, with the policy file's
+/// `vars` (so `${workspace}` and `~` mean in Rego-produced rules what they
+/// mean in the file's). Errors name the path in the value:
+/// `files.rules[1].allow.access: ...`.
+pub fn parse_sections(
+    value: &Value,
+    vars: &policy::Vars,
+    home: &std::path::Path,
+) -> Result<Sections, String> {
     let Value::Object(obj) = value else {
         return Err(format!(
             "the value must be an object with any of {SECTIONS:?}, got {}",
@@ -110,6 +117,17 @@ pub fn parse_sections(value: &Value, home: &std::path::Path) -> Result<Sections,
     }
     let mut doc = Emitter::default();
     doc.line("apiVersion: \"pep/v1\"".into(), String::new());
+    if !vars.is_empty() {
+        doc.line("vars:".into(), String::new());
+        for (name, v) in vars.iter() {
+            // Already expanded; `~` is kept and expands where used, as in
+            // the file.
+            doc.line(
+                format!("  {}: {}", flat(&json!(name)), flat(&json!(v))),
+                String::new(),
+            );
+        }
+    }
     for (k, v) in obj {
         doc.entry(0, k, v, k.clone());
     }
@@ -255,7 +273,7 @@ mod tests {
             ]},
             "network": {"default": "ask", "rules": [{"allow": {"cidr": "127.0.0.0/8", "ports": [80, "9000-9100"]}}]}
         });
-        let s = parse_sections(&v, Path::new("/home/u")).expect("valid");
+        let s = parse_sections(&v, &policy::Vars::default(), Path::new("/home/u")).expect("valid");
         let files = s.files.expect("files");
         assert_eq!(files.rules.len(), 2);
         assert_eq!(files.default, policy::Verdict::Deny);
@@ -268,16 +286,20 @@ mod tests {
     #[test]
     fn wrong_shapes_are_located_in_the_value() {
         let home = Path::new("/home/u");
-        let e = parse_sections(&json!({"files": {"rules": [{"allow": {"pth": "/x"}}]}}), home).unwrap_err();
+        let no = &policy::Vars::default();
+        let e =
+            parse_sections(&json!({"files": {"rules": [{"allow": {"pth": "/x"}}]}}), no, home).unwrap_err();
         assert!(e.contains("files.rules[0].allow"), "{e}");
         let e = parse_sections(
             &json!({"files": {"rules": [{"allow": {"path": "/x", "access": ["exec"]}}]}}),
+            no,
             home,
         )
         .unwrap_err();
         assert!(e.contains("files.rules[0].allow.access"), "{e}");
         let e = parse_sections(
             &json!({"network": {"rules": [{"deny": {"cidr": "10.0.0.1/8"}}]}}),
+            no,
             home,
         )
         .unwrap_err();
@@ -285,9 +307,46 @@ mod tests {
             e.contains("network.rules[0].deny.cidr") && e.contains("host bits"),
             "{e}"
         );
-        let e = parse_sections(&json!({"pdp": {}}), home).unwrap_err();
+        let e = parse_sections(&json!({"pdp": {}}), no, home).unwrap_err();
         assert!(e.contains("unknown section"), "{e}");
-        let e = parse_sections(&json!([1]), home).unwrap_err();
+        let e = parse_sections(&json!([1]), no, home).unwrap_err();
         assert!(e.contains("must be an object"), "{e}");
+    }
+
+    #[test]
+    fn the_files_vars_expand_in_produced_rules() {
+        let p = policy::load_str(
+            "apiVersion: pep/v1\nvars:\n  ws: /w\n  sub: ${ws}/src\n  cfg: ~/cfg\n",
+            "p.yaml",
+            &LoadContext::new("/home/u"),
+        )
+        .expect("policy");
+        let v = json!({"files": {"default": "deny", "rules": [
+            {"allow": {"path": "${sub}/**", "access": ["read"]}},
+            {"deny": {"path": "${cfg}/secret", "access": ["read"]}}
+        ]}});
+        let s = parse_sections(&v, &p.vars, Path::new("/home/u")).expect("valid");
+        let paths: Vec<String> = s
+            .files
+            .expect("files")
+            .rules
+            .iter()
+            .map(|r| match &r.target {
+                policy::FileTarget::Path(p) => p.path.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(paths, ["/w/src", "/home/u/cfg/secret"]);
+        // An unknown var is located in the value, as in a file.
+        let e = parse_sections(
+            &json!({"files": {"rules": [{"allow": {"path": "${nope}/x"}}]}}),
+            &p.vars,
+            Path::new("/home/u"),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("files.rules[0].allow.path") && e.contains("nope"),
+            "{e}"
+        );
     }
 }

@@ -51,6 +51,17 @@ pub fn prepare(enforcer: &mut Enforcer, sandbox_id: u32) -> Result<(), EnforcerE
     )
 }
 
+/// Why the PDP task could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Enforcer(#[from] EnforcerError),
+    #[error("starting the ask thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("no sandbox is marked as asking (`prepare` first)")]
+    NotPrepared,
+}
+
 /// Once the audit pipeline exists: takes the maps, starts the PDP task and
 /// feeds its records to the pipeline.
 pub fn start(
@@ -60,8 +71,14 @@ pub fn start(
     sandbox_name: &str,
     pipeline: &mut Pipeline,
     stop: Arc<AtomicBool>,
-) -> Result<AskTask, EnforcerError> {
+) -> Result<AskTask, StartError> {
     let (maps, asks) = enforcer.take_ask()?;
+    // The one sandbox `prepare` marked: a standalone run's maps are its own.
+    let sandbox_id = maps
+        .sandboxes
+        .keys()
+        .find_map(Result::ok)
+        .ok_or(StartError::NotPrepared)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let origins = CacheOrigins::default();
     pipeline.set_pdp_feed(PdpFeed {
@@ -69,36 +86,63 @@ pub fn start(
         origins: origins.clone(),
         engine: pdp.engine(),
     });
-    let settings = AskSettings {
+    let mut settings = settings(pdp, policy, sandbox_id, sandbox_name);
+    settings.revision = STANDALONE_REVISION;
+    Ok(task::spawn(settings, maps, asks, tx, origins, stop)?)
+}
+
+/// How sandbox `sandbox_id` asks under `policy` (revision left 0: the
+/// task sets it).
+pub fn settings(pdp: Arc<dyn Pdp>, policy: &Policy, sandbox_id: u32, sandbox_name: &str) -> AskSettings {
+    AskSettings {
         pdp,
+        sandbox_id,
         sandbox_name: sandbox_name.to_owned(),
         policy_revision: policy.revision().to_owned(),
-        revision: STANDALONE_REVISION,
+        fingerprint: super::revision::fingerprint(policy),
+        revision: 0,
         cache_ttl_s: policy.pdp.cache_ttl_s,
         on_unavailable: policy.pdp.on_unavailable,
         stale_window_s: policy.pdp.stale_window_s,
         budget: budget(policy),
-    };
-    Ok(task::spawn(settings, maps, asks, tx, origins, stop))
+    }
 }
 
-/// Logs (info) the kernel-miss-to-verdict-in-map times of a run: n, p50,
-/// p99, max in µs. `PEP_LOG=info` shows it; the PDP benchmark reads it.
+/// Reloads a running task with `policy` (already loaded and checked,
+/// `check_policy` included): its engine is built here, and a failure
+/// leaves the running one in force. Returns the verdict-cache revision now
+/// in force (bumped only if the PDP's answers may have changed).
+pub fn reload(task: &AskTask, policy: &Policy, sandbox_id: u32, sandbox_name: &str) -> anyhow::Result<u32> {
+    let pdp = super::build_engine(policy).map_err(anyhow::Error::msg)?;
+    Ok(task.reload(settings(pdp, policy, sandbox_id, sandbox_name))?)
+}
+
+/// Logs (info) where the time from a kernel miss to the verdict in the map
+/// went during a run: n, then p50/p99/max in µs of the whole and of each
+/// stage (see `AskTiming`). `PEP_LOG=info` shows it; the PDP benchmark
+/// reads it.
 pub fn report(task: &AskTask) {
-    let all = task.verdict_latencies_us();
+    let all = task.timings();
     if all.is_empty() {
         return;
     }
-    let stats = |mut v: Vec<u64>| {
+    let stats = |f: &dyn Fn(&task::AskTiming) -> u64| {
+        let mut v: Vec<u64> = all.iter().map(|t| f(t) / 1000).collect();
         v.sort_unstable();
         let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
         (q(0.5), q(0.99), v[v.len() - 1])
     };
-    let (k50, k99, kmax) = stats(all.iter().map(|x| x.0).collect());
-    let (u50, u99, umax) = stats(all.iter().map(|x| x.1).collect());
+    let (k50, k99, kmax) = stats(&|t| t.total());
+    let stage = |name: &str, f: &dyn Fn(&task::AskTiming) -> u64| {
+        let (a, b, c) = stats(f);
+        format!("{name} {a}/{b}/{c}")
+    };
     tracing::info!(
-        "pdp: miss-to-verdict n={} p50_us={k50} p99_us={k99} max_us={kmax}; \
-         in userspace (event read to verdict written) p50_us={u50} p99_us={u99} max_us={umax}",
-        all.len()
+        "pdp: miss-to-verdict n={} p50_us={k50} p99_us={k99} max_us={kmax}; stages p50/p99/max us: {}, {}, {}, {}",
+        all.len(),
+        stage("kernel-to-receipt", &|t| t.to_receipt),
+        stage("query", &|t| t.query),
+        stage("engine", &|t| t.engine),
+        stage("to-map", &|t| t.to_map),
     );
 }

@@ -24,7 +24,7 @@ use crate::{
         sink::Sink,
     },
     compiler,
-    enforcer::{Enforcer, EnforcerError, LoadOptions, SandboxSpec},
+    enforcer::{Enforcer, SandboxSpec},
     kernel::{cgroup, features::ENABLE_BPF_LSM},
     policy::{self, Policy},
 };
@@ -121,34 +121,31 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
     let program = resolve_program(cmd0).ok_or_else(|| RunError::NotFound(cmd0.clone()))?;
 
     let needs_lsm = needs_lsm(&policy);
-    let mut degraded = None;
     // The LSM programs also carry self-protection (no bpf(), no cgroup
     // writes, no signals to pep-agent...), which is on for every sandbox
     // whatever its policy, so they are loaded whenever the kernel allows.
-    let mut enforcer = match Enforcer::load(LoadOptions { lsm: true }) {
-        Ok(e) => e,
-        Err(EnforcerError::LsmUnavailable { reason }) if !needs_lsm => {
+    // One load whatever the outcome: the object is parsed, relocated and
+    // verified once, and the LSM part dropped if the kernel refuses it.
+    let (mut enforcer, lsm_missing) = Enforcer::load_lsm_if_available()
+        .map_err(|e| RunError::Unsupported(format!("cannot load the eBPF programs: {e}")))?;
+    let mut degraded = None;
+    match lsm_missing {
+        None => {}
+        Some(reason) if !needs_lsm => {
             tracing::warn!("BPF LSM is unavailable ({reason}): self-protection is not enforced");
-            Enforcer::load(LoadOptions { lsm: false }).map_err(|e| RunError::Unsupported(e.to_string()))?
         }
-        Err(EnforcerError::LsmUnavailable { reason }) if opts.allow_degraded => {
+        Some(reason) if opts.allow_degraded => {
             let msg = format!("files and exec rules are NOT enforced: {reason}");
             tracing::warn!("--allow-degraded: {msg}");
             eprintln!("pep-agent: WARNING: {msg}");
             degraded = Some(msg);
-            Enforcer::load(LoadOptions { lsm: false }).map_err(|e| RunError::Unsupported(e.to_string()))?
         }
-        Err(EnforcerError::LsmUnavailable { reason }) => {
+        Some(reason) => {
             return Err(RunError::Unsupported(format!(
                 "the policy has files/exec rules, which need BPF LSM: {reason}. To enable it: {ENABLE_BPF_LSM}; or pass --allow-degraded to enforce the network part only"
             )));
         }
-        Err(e) => {
-            return Err(RunError::Unsupported(format!(
-                "cannot load the eBPF programs: {e}"
-            )));
-        }
-    };
+    }
 
     sweep_stale(&cg_root);
     let rel = Path::new(CGROUP_PARENT).join(format!("{name}.{}", std::process::id()));

@@ -7,7 +7,9 @@
 //! connect (the one timed: connect latency while sends saturate the audit
 //! pipeline). With PACE_PER_MS, at most that many calls per millisecond.
 //! Prints `calls N eperm N other N ns N p50_ns N p99_ns N` (latency of every
-//! 64th call).
+//! 64th call), and also writes it to `$PEP_FLOOD_REPORT` when set. With
+//! `$PEP_FLOOD_CPU=N` it first pins itself to CPU N (the audit benchmark:
+//! the flood on one core, the pipeline on the other).
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -25,6 +27,19 @@ fn main() {
     let count: u64 = args[3].parse().expect("COUNT");
     let mode = args.get(4).map(String::as_str).unwrap_or("udp");
     let pace: Option<u64> = args.get(5).map(|p| p.parse().expect("PACE_PER_MS"));
+    if let Some(cpu) = std::env::var("PEP_FLOOD_CPU")
+        .ok()
+        .and_then(|c| c.parse::<usize>().ok())
+    {
+        // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity
+        // get valid pointers to it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            let r = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+            assert_eq!(r, 0, "pin to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
     let sa = SocketAddrV4::new(addr, port);
     let raw = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
@@ -95,9 +110,13 @@ fn main() {
             .copied()
             .unwrap_or(0)
     };
-    println!(
+    let report = format!(
         "calls {count} eperm {eperm} other {other} ns {ns} p50_ns {} p99_ns {}",
         pct(0.50),
         pct(0.99)
     );
+    println!("{report}");
+    if let Some(path) = std::env::var_os("PEP_FLOOD_REPORT") {
+        std::fs::write(&path, format!("{report}\n")).expect("write PEP_FLOOD_REPORT");
+    }
 }
