@@ -218,7 +218,7 @@ fn record(sb: &sandbox::Sandbox, v: &FileCacheValue, access: u32) -> i32 {
     let [verdict, source, rule, path_len] =
         vfs::opaque([verdict.into(), source.into(), rule.into(), v.path_len.into()]).map(|x| x as u32);
     let path = v.path.as_ptr();
-    audit::emit_decision(verdict, |ev: &mut FileEvent| {
+    audit::emit(|ev: &mut FileEvent| {
         audit::fill_header(&mut ev.header, KIND_FILE, sb, verdict, source, rule);
         ev.access = access;
         ev.path_len = path_len;

@@ -155,7 +155,7 @@ fn decide(
             Miss::Reject => return REJECT,
         },
     };
-    audit::emit_decision(verdict, |ev: &mut NetEvent| {
+    audit::emit(|ev: &mut NetEvent| {
         audit::fill_header(&mut ev.header, KIND_NET, &sb, verdict, source, rule_idx);
         ev.family = family;
         ev.op = op;
