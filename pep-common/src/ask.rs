@@ -9,11 +9,13 @@
 //! anything else fails now (`ASK_DENIED_NOW`, or goes ahead in audit mode,
 //! `ASK_ALLOWED_NOW`) and the answer is cached for the next attempt.
 
-use crate::event::EventHeader;
+use crate::event::{EventHeader, ExecEvent};
 
 /// Event kind of an `AskEvent` (sent through the `ASKS` ring buffer, not
 /// the audit stream's, so it never collides with the audit kinds).
 pub const KIND_ASK: u32 = 100;
+/// Event kind of an `ExecAskEvent` (an exec miss), on the same ring buffer.
+pub const KIND_ASK_EXEC: u32 = 101;
 
 /// Cache key actions. The network ones equal `event::NET_OP_*`.
 pub const ACTION_NET_CONNECT: u32 = 1;
@@ -30,6 +32,8 @@ pub const ASK_ALLOWED_NOW: u32 = 3;
 
 /// `AskSandbox::flags`: network misses are asked.
 pub const ASK_FLAG_NET: u32 = 1;
+/// `AskSandbox::flags`: exec misses are asked (`exec.default: ask`).
+pub const ASK_FLAG_EXEC: u32 = 2;
 
 /// SYN retransmits allowed while a connect is held (`TCP_SYNCNT`) when
 /// userspace gives none: bounds the hold if no verdict ever comes.
@@ -49,7 +53,10 @@ pub struct VerdictKey {
     /// Destination port, host order.
     pub dport: u32,
     pub _pad: u32,
-    /// Network order; IPv4 fills the first 4 bytes, the rest zero.
+    /// Network order; IPv4 fills the first 4 bytes, the rest zero. For
+    /// `ACTION_EXEC` (family, protocol and port 0): the executed file's
+    /// device (`s_dev`) then inode number, each a little-endian u64, so a
+    /// hard link shares its verdict.
     pub daddr: [u8; 16],
 }
 
@@ -99,4 +106,18 @@ pub struct AskEvent {
     pub sent: u32,
     /// The socket's own family (an IPv6 socket may reach an IPv4 peer).
     pub sock_family: u32,
+}
+
+/// An exec miss, as userspace receives it: the exec record the kernel would
+/// have written (`exec.header.kind` is `KIND_ASK_EXEC`; its verdict is what
+/// happened to the attempt in enforce mode, deny), and the cache key to
+/// write the PDP's answer under.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecAskEvent {
+    pub exec: ExecEvent,
+    pub key: VerdictKey,
+    /// `ASK_DENIED_NOW`, or `ASK_ALLOWED_NOW` in audit mode.
+    pub disposition: u32,
+    pub _pad: u32,
 }

@@ -14,6 +14,11 @@
 //! ECONNABORTED). If no verdict ever comes, the SYN retries run out and the
 //! connect fails with ETIMEDOUT: nothing waits without bound.
 //!
+//! An exec miss (`exec.default: ask`, see `on_exec_miss`) cannot be held:
+//! `bprm_check_security` must answer now. The attempt fails (goes ahead in
+//! audit mode) and the PDP is asked; the answer, cached under the file's
+//! inode identity, serves the next exec of that file.
+//!
 //! `PENDING` is a plain hash map, never an LRU: an eviction would release a
 //! held SYN. Entries of sockets that close while pending are removed at
 //! `STATE_CB` (enabled for held sockets only).
@@ -32,15 +37,18 @@ use aya_ebpf::{
 };
 use pep_common::{
     ask::{
-        ACTION_NET_CONNECT, ASK_ALLOWED_NOW, ASK_DENIED_NOW, ASK_FLAG_NET, ASK_HELD, AskEvent, AskSandbox,
-        KIND_ASK, VerdictEntry, VerdictKey,
+        ACTION_EXEC, ACTION_NET_CONNECT, ASK_ALLOWED_NOW, ASK_DENIED_NOW, ASK_FLAG_EXEC, ASK_FLAG_NET,
+        ASK_HELD, AskEvent, AskSandbox, ExecAskEvent, KIND_ASK, KIND_ASK_EXEC, VerdictEntry, VerdictKey,
     },
-    event::{COUNTER_ASK_LOST, COUNTER_CACHE_HIT, COUNTER_CACHE_MISS, RULE_NONE, SOURCE_PDP, VERDICT_DENY},
+    event::{
+        ARGV_LEN, COUNTER_ASK_LOST, COUNTER_CACHE_HIT, COUNTER_CACHE_MISS, EXEC_OP_EXEC, PATH_MAX_LEN,
+        RULE_NONE, SOURCE_PDP, VERDICT_DENY,
+    },
     net::PROTO_TCP,
     sandbox::MODE_AUDIT,
 };
 
-use crate::{audit, sandbox::Sandbox};
+use crate::{audit, sandbox::Sandbox, vfs};
 
 /// Cached PDP verdicts. LRU: the size is bounded and an evicted verdict is
 /// only asked again.
@@ -67,6 +75,11 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// Scratch space for building an event off the 512-byte stack.
 #[map]
 static ASK_SCRATCH: PerCpuArray<AskEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// The key of an exec miss, built off the stack (`bprm_check_security` is
+/// near its limit).
+#[map]
+static EXEC_ASK_KEY: PerCpuArray<VerdictKey> = PerCpuArray::with_max_entries(1, 0);
 
 /// `SOL_TCP`, `TCP_SYNCNT`, `TCP_BPF_IW` (linux/tcp.h).
 const SOL_TCP: i32 = 6;
@@ -169,6 +182,113 @@ pub fn on_miss(
         audit::bump(COUNTER_ASK_LOST);
     }
     if audit_mode { Miss::Proceed } else { Miss::Reject }
+}
+
+/// What became of an exec that no compiled rule decided.
+pub enum ExecMiss {
+    /// The sandbox does not ask: `exec.default` decides.
+    NotAsked,
+    /// A live cached verdict (`VERDICT_*`) decides.
+    Cached(u32),
+    /// The attempt fails now (goes ahead in audit mode); the PDP is asked
+    /// and the PDP task writes this attempt's record.
+    Asked,
+    /// No room to ask: `exec.default` (deny) decides and records it.
+    Lost,
+}
+
+/// `exec.default: ask`: consults the cache for the executed file (by its
+/// `inode`'s identity: a hard link shares the verdict) and, on a miss, sends the exec's
+/// record (`path`, `argv`: the scratch buffers the audit record is copied
+/// from) to userspace to ask about.
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key is looked up where it lies in scratch; by value it would be copied onto the full stack"
+)]
+pub fn on_exec_miss(
+    sb: &Sandbox,
+    inode: *const u8,
+    path: *const u8,
+    path_len: u32,
+    argv: *const u8,
+    argc: u32,
+    argv_len: u32,
+) -> ExecMiss {
+    // SAFETY: plain data written whole by userspace.
+    let Some(cfg) = (unsafe { ASK_SANDBOXES.get(sb.config.sandbox_id) }) else {
+        return ExecMiss::NotAsked;
+    };
+    if cfg.flags & ASK_FLAG_EXEC == 0 {
+        return ExecMiss::NotAsked;
+    }
+    let revision = cfg.revision;
+    if inode.is_null() {
+        // No identity to cache under: the default (deny) decides.
+        return ExecMiss::Lost;
+    }
+    let (dev, ino) = vfs::inode_id(inode);
+    let Some(key) = EXEC_ASK_KEY.get_ptr_mut(0) else {
+        audit::bump(COUNTER_ASK_LOST);
+        return ExecMiss::Lost;
+    };
+    // SAFETY: this CPU's scratch slot, used only within this program run.
+    let key = unsafe { &mut *key };
+    key.sandbox_id = sb.config.sandbox_id;
+    key.action = ACTION_EXEC;
+    key.family = 0;
+    key.protocol = 0;
+    key.dport = 0;
+    key._pad = 0;
+    // SAFETY: 16 bytes, written as two unaligned u64s.
+    unsafe {
+        core::ptr::write_unaligned(key.daddr.as_mut_ptr() as *mut u64, dev.to_le());
+        core::ptr::write_unaligned(key.daddr.as_mut_ptr().add(8) as *mut u64, ino.to_le());
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // SAFETY: plain data written whole by userspace.
+    if let Some(entry) = unsafe { VERDICT_CACHE.get(&*key) }
+        && entry.revision == revision
+        && now < entry.expires_ns
+    {
+        audit::bump(COUNTER_CACHE_HIT);
+        return ExecMiss::Cached(entry.verdict);
+    }
+    audit::bump(COUNTER_CACHE_MISS);
+    let Some(mut entry) = ASKS.reserve::<ExecAskEvent>(0) else {
+        audit::bump(COUNTER_ASK_LOST);
+        return ExecMiss::Lost;
+    };
+    // SAFETY: every field is written below before submit (plain integers).
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    audit::fill_header(
+        &mut ev.exec.header,
+        KIND_ASK_EXEC,
+        sb,
+        VERDICT_DENY,
+        SOURCE_PDP,
+        RULE_NONE,
+    );
+    ev.exec.op = EXEC_OP_EXEC;
+    ev.exec.path_len = path_len;
+    ev.exec.argc = argc;
+    ev.exec.argv_len = argv_len;
+    vfs::copy(ev.exec.path.as_mut_ptr(), path, PATH_MAX_LEN);
+    vfs::copy(ev.exec.argv.as_mut_ptr(), argv, ARGV_LEN);
+    vfs::copy(
+        (&mut ev.key as *mut VerdictKey).cast(),
+        (key as *const VerdictKey).cast(),
+        size_of::<VerdictKey>(),
+    );
+    ev.disposition = if sb.config.mode == MODE_AUDIT {
+        ASK_ALLOWED_NOW
+    } else {
+        ASK_DENIED_NOW
+    };
+    ev._pad = 0;
+    entry.submit(BPF_RB_FORCE_WAKEUP);
+    ExecMiss::Asked
 }
 
 #[sock_ops]

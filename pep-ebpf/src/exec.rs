@@ -28,6 +28,11 @@
 //! never depends on user memory. A concurrent thread could change the strings
 //! between the copy and this read; the record would then show what it wrote.
 //!
+//! `exec.default: ask` (`ask::on_exec_miss`): where the default would
+//! decide a resolved path, the verdict cache decides by the file's inode
+//! identity; on a miss the exec fails (goes ahead in audit mode) and the PDP
+//! is asked for the next one. An exec cannot be held like a SYN.
+//!
 //! Failure policy: an unsandboxed task is never denied. A sandboxed exec whose
 //! path cannot be resolved or is too long is denied (fail closed) and recorded.
 
@@ -44,12 +49,13 @@ use aya_ebpf::{
 use pep_common::{
     event::{
         ARGV_LEN, ARGV_MAX_ARGS, EXEC_OP_EXEC, EXEC_OP_MMAP, EXEC_OP_MPROTECT, ExecEvent, KIND_EXEC,
-        PATH_MAX_LEN, RULE_NONE, SOURCE_DEFAULT, SOURCE_RULE, VERDICT_ALLOW, VERDICT_DENY,
+        PATH_MAX_LEN, RULE_NONE, SOURCE_CACHE, SOURCE_DEFAULT, SOURCE_RULE, VERDICT_ALLOW, VERDICT_DENY,
     },
     file::{ExecRuleValue, FileRuleKey, INODE_KIND_EXEC, InodeKey},
 };
 
 use crate::{
+    ask::{self, ExecMiss},
     audit,
     file::{BEST, EPERM, INODE_RULES, PATH_SCRATCH, answer, walk_keys},
     kernel, sandbox, vfs,
@@ -122,7 +128,8 @@ fn try_bprm_check(ctx: &LsmContext) -> i32 {
         )
     };
     let path_len = if len > 0 { Some((len - 1) as u32) } else { None };
-    let d = decide_exec(&sb, path_len, buf, vfs::file_inode(file), true);
+    let inode = vfs::file_inode(file);
+    let d = decide_exec(&sb, path_len, buf, inode, true);
     // Opaque for the same reason as the decision below: read_argv's loop
     // ends with a different (argc, length) at each iteration.
     let (argc, argv_len) = read_argv();
@@ -139,12 +146,29 @@ fn try_bprm_check(ctx: &LsmContext) -> i32 {
         d.path_len.into(),
     ])
     .map(|x| x as u32);
-    let d = ExecDecision {
+    let mut d = ExecDecision {
         verdict,
         source,
         rule,
         path_len,
     };
+    // `exec.default: ask`: the default decided a resolved path.
+    if d.source == SOURCE_DEFAULT && d.path_len != u32::MAX {
+        match ask::on_exec_miss(
+            &sb,
+            inode,
+            buf.as_ptr(),
+            d.path_len,
+            argv[0].as_ptr(),
+            argc,
+            argv_len,
+        ) {
+            ExecMiss::NotAsked | ExecMiss::Lost => {}
+            ExecMiss::Cached(verdict) => (d.verdict, d.source) = (verdict, SOURCE_CACHE),
+            // The PDP task writes this attempt's record.
+            ExecMiss::Asked => return answer(&sb, VERDICT_DENY),
+        }
+    }
     audit::emit(|ev: &mut ExecEvent| {
         audit::fill_header(&mut ev.header, KIND_EXEC, &sb, d.verdict, d.source, d.rule);
         ev.op = EXEC_OP_EXEC;

@@ -10,9 +10,10 @@
 //! - `revision`: when a reload changes the PDP's answers (and so the
 //!   verdict cache's revision stamp);
 //! - `eval`: `pep-agent policy eval`;
-//! - `cache`, `kernel`, `sockdiag`, `task`: the kernel side of asking (the
-//!   verdict cache and held connects in BPF maps, SOCK_DESTROY, and the task
-//!   that answers misses during `pep-agent run`).
+//! - `cache`, `kernel`, `sockdiag`, `miss`, `task`, `origins`: the kernel
+//!   side of asking (the verdict cache and held connects in BPF maps,
+//!   SOCK_DESTROY, the misses as decoded, the task that answers them during
+//!   `pep-agent run`, and what each cached verdict came from).
 
 pub mod answer;
 pub mod builtin;
@@ -20,7 +21,9 @@ pub mod cache;
 pub mod engine;
 pub mod eval;
 pub mod kernel;
+pub mod miss;
 pub mod opa;
+pub mod origins;
 pub mod query;
 pub mod rego;
 pub mod revision;

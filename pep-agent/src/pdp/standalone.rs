@@ -1,12 +1,12 @@
 //! Asking in `pep-agent run`: what the run does, in order, when the policy's
-//! `network.default` is `ask`.
+//! `network.default` or `exec.default` is `ask`.
 
 use std::{
     sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 
-use pep_common::ask::{ASK_FLAG_NET, AskSandbox, DEFAULT_HOLD_SYNCNT};
+use pep_common::ask::{ASK_FLAG_EXEC, ASK_FLAG_NET, AskSandbox, DEFAULT_HOLD_SYNCNT};
 use tokio::sync::mpsc;
 
 use super::{
@@ -24,7 +24,19 @@ pub const STANDALONE_REVISION: u32 = 1;
 
 /// Whether the policy asks the PDP.
 pub fn asks(policy: &Policy) -> bool {
-    policy.network.default == NetDefault::Ask
+    ask_flags(policy) != 0
+}
+
+/// What the policy asks about: `ASK_FLAG_*`.
+pub fn ask_flags(policy: &Policy) -> u32 {
+    let mut flags = 0;
+    if policy.network.default == NetDefault::Ask {
+        flags |= ASK_FLAG_NET;
+    }
+    if policy.exec.ask {
+        flags |= ASK_FLAG_EXEC;
+    }
+    flags
 }
 
 /// Longest wait for one answer: the OPA timeout (which covers its retries)
@@ -37,14 +49,23 @@ pub fn budget(policy: &Policy) -> Duration {
 }
 
 /// After loading, before the sandbox entry is written: loads the holding
-/// programs and marks the sandbox as asking.
+/// programs and marks the sandbox as asking about network misses.
 pub fn prepare(enforcer: &mut Enforcer, sandbox_id: u32) -> Result<(), EnforcerError> {
+    prepare_flags(enforcer, sandbox_id, ASK_FLAG_NET)
+}
+
+/// `prepare`, asking about what `policy` asks about (`ask_flags`).
+pub fn prepare_for(enforcer: &mut Enforcer, policy: &Policy, sandbox_id: u32) -> Result<(), EnforcerError> {
+    prepare_flags(enforcer, sandbox_id, ask_flags(policy))
+}
+
+fn prepare_flags(enforcer: &mut Enforcer, sandbox_id: u32, flags: u32) -> Result<(), EnforcerError> {
     enforcer.load_ask()?;
     enforcer.set_ask_sandbox(
         sandbox_id,
         AskSandbox {
             revision: STANDALONE_REVISION,
-            flags: ASK_FLAG_NET,
+            flags,
             syncnt: DEFAULT_HOLD_SYNCNT,
             _pad: 0,
         },

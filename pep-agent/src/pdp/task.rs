@@ -23,11 +23,12 @@
 //! served an expired verdict); `pdp` holds `{engine, decision_id,
 //! latency_us, answer, attempt, ...}`. The record's `verdict` is what
 //! happened to this attempt in enforce mode: the answer for a held TCP
-//! connect; `deny` for a UDP send or connect that missed (it failed with
-//! EPERM; the answer, in `pdp.answer`, serves the next attempts).
+//! connect; `deny` for a UDP send or connect, or an exec, that missed (it
+//! failed with EPERM; the answer, in `pdp.answer`, serves the next
+//! attempts). An exec miss arrives as the exec record the kernel would have
+//! written (`ExecAskEvent`), and its record is an exec record.
 
 use std::{
-    collections::HashMap,
     os::fd::AsRawFd as _,
     sync::{
         Arc, Mutex, RwLock,
@@ -38,8 +39,8 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use pep_common::{
-    ask::{ACTION_NET_CONNECT, ASK_ALLOWED_NOW, ASK_DENIED_NOW, ASK_HELD, AskEvent, KIND_ASK, VerdictKey},
-    event::{NET_OP_CONNECT, VERDICT_ALLOW},
+    ask::{ACTION_NET_CONNECT, ASK_ALLOWED_NOW, ASK_DENIED_NOW, ASK_HELD, AskEvent, VerdictKey},
+    event::VERDICT_ALLOW,
     net::PROTO_TCP,
 };
 use serde_json::{Value, json};
@@ -47,13 +48,15 @@ use tokio::sync::mpsc;
 
 use super::{
     Pdp, PdpDecision, PdpError,
-    cache::{boot_ns, key_addr, net_key},
+    cache::{boot_ns, key_addr},
     kernel::AskMaps,
+    miss::{Miss, decode_exec},
+    origins::OriginKey,
     query::{Context, Query, Resource, Subject},
     sockdiag,
 };
 use crate::{
-    audit::decode::{Decision, Header, NetOp, Source, Verdict},
+    audit::decode::{Decision, ExecOp, Header, NetOp, Source, Verdict},
     policy::OnUnavailable,
 };
 
@@ -84,54 +87,7 @@ pub struct AskRecord {
     pub pdp: Value,
 }
 
-/// What cache-hit records need from the PDP task: the `pdp` object of the
-/// decision each cached verdict came from.
-#[derive(Clone, Default)]
-pub struct CacheOrigins {
-    inner: Arc<Mutex<HashMap<VerdictKey, Value>>>,
-}
-
-/// Most origins remembered (the kernel cache holds 65536 entries; a record
-/// for an older one says `pdp: {engine}` only).
-const MAX_ORIGINS: usize = 65536;
-
-impl CacheOrigins {
-    fn insert(&self, key: VerdictKey, v: Value) {
-        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if m.len() >= MAX_ORIGINS {
-            m.clear();
-        }
-        m.insert(key, v);
-    }
-
-    /// The `pdp` object of a `source: cache` decision, from the kernel.
-    pub fn annotate(&self, d: &Decision, engine: &str) -> Option<Value> {
-        let Decision::Net {
-            header,
-            op,
-            protocol,
-            daddr,
-            dport,
-        } = d
-        else {
-            return None;
-        };
-        if header.source != Source::Cache {
-            return None;
-        }
-        let op = match op {
-            NetOp::Connect => NET_OP_CONNECT,
-            NetOp::Send => pep_common::event::NET_OP_SENDMSG,
-        };
-        let key = net_key(header.sandbox_id, op, *daddr, *dport, *protocol);
-        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        Some(
-            m.get(&key)
-                .cloned()
-                .unwrap_or_else(|| json!({ "engine": engine })),
-        )
-    }
-}
+pub use super::origins::CacheOrigins;
 
 /// The running task's shared state.
 struct Shared {
@@ -290,21 +246,13 @@ fn read_asks(
             std::thread::sleep(Duration::from_millis(POLL_MS as u64));
         }
         loop {
-            let ev = {
+            let miss = {
                 let Some(item) = asks.next() else { break };
-                if item.len() < size_of::<AskEvent>() {
-                    tracing::error!("short ask event: {} bytes", item.len());
-                    continue;
-                }
-                // SAFETY: length checked; AskEvent is plain old data.
-                unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<AskEvent>()) }
+                Miss::read(&item)
             };
             let received_ns = boot_ns();
-            if ev.header.kind != KIND_ASK {
-                tracing::error!("unexpected event kind {} on the ask ring", ev.header.kind);
-                continue;
-            }
-            let Some(ask) = Ask::new(shared.settings(), ev, received_ns) else {
+            let Some(miss) = miss else { continue };
+            let Some(ask) = Ask::new(shared.settings(), miss, received_ns) else {
                 continue;
             };
             let query_ns = boot_ns();
@@ -414,37 +362,67 @@ struct Outcome {
     cache_ttl_s: Option<u64>,
 }
 
+/// What a miss was about, beyond its cache key.
+enum Target {
+    /// A connect or send to `daddr`.
+    Net {
+        ev: Box<AskEvent>,
+        daddr: std::net::IpAddr,
+    },
+    /// An exec of `path`.
+    Exec { path: String, argv: Vec<String> },
+}
+
 /// One miss being asked about.
 struct Ask {
     /// As they were when the miss was read.
     settings: Arc<AskSettings>,
-    ev: AskEvent,
+    key: VerdictKey,
+    /// `ASK_*`.
+    disposition: u32,
+    /// The kernel's miss, on the boot clock.
+    ts_boot_ns: u64,
     header: Header,
-    daddr: std::net::IpAddr,
+    target: Target,
     query: Query,
     received_ns: u64,
 }
 
 impl Ask {
-    /// The query for `ev`. The process is blocked in its connect or send
+    /// The query for a miss. The process is blocked in its connect or send
     /// (or, for a miss that failed at once, has just returned from it), so
     /// its `/proc` entry is there to name the executable.
-    fn new(s: Arc<AskSettings>, ev: AskEvent, received_ns: u64) -> Option<Self> {
-        let Some(daddr) = key_addr(&ev.key) else {
-            tracing::error!("ask event with family {}", ev.key.family);
-            return None;
-        };
-        let header = match Header::try_from(&ev.header) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::error!("bad ask event header: {e}");
-                return None;
+    fn new(s: Arc<AskSettings>, miss: Miss, received_ns: u64) -> Option<Self> {
+        let (key, disposition, ts_boot_ns, header, target, action, resource) = match miss {
+            Miss::Net(ev) => {
+                let Some(daddr) = key_addr(&ev.key) else {
+                    tracing::error!("ask event with family {}", ev.key.family);
+                    return None;
+                };
+                let header = match Header::try_from(&ev.header) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::error!("bad ask event header: {e}");
+                        return None;
+                    }
+                };
+                let action = if ev.key.action == ACTION_NET_CONNECT {
+                    "net.connect"
+                } else {
+                    "net.send"
+                };
+                let resource = Resource::net(daddr, ev.key.dport as u16, ev.key.protocol as u8);
+                let (key, disposition, ts) = (ev.key, ev.disposition, ev.header.ts_boot_ns);
+                let target = Target::Net { ev, daddr };
+                (key, disposition, ts, header, target, action, resource)
             }
-        };
-        let action = if ev.key.action == ACTION_NET_CONNECT {
-            "net.connect"
-        } else {
-            "net.send"
+            Miss::Exec(ev) => {
+                let (header, path, argv) = decode_exec(&ev.exec)?;
+                let resource = Resource::Exec { path: path.clone() };
+                let target = Target::Exec { path, argv };
+                let ts = ev.exec.header.ts_boot_ns;
+                (ev.key, ev.disposition, ts, header, target, "exec", resource)
+            }
         };
         let query = Query {
             subject: Subject {
@@ -456,17 +434,27 @@ impl Ask {
                 labels: Default::default(),
             },
             action: action.into(),
-            resource: Resource::net(daddr, ev.key.dport as u16, ev.key.protocol as u8),
+            resource,
             context: Context::now(&s.policy_revision),
         };
         Some(Self {
             settings: s,
-            ev,
+            key,
+            disposition,
+            ts_boot_ns,
             header,
-            daddr,
+            target,
             query,
             received_ns,
         })
+    }
+
+    /// What the cached verdict is remembered by for `source: cache` records.
+    fn origin_key(&self) -> OriginKey {
+        match &self.target {
+            Target::Net { .. } => OriginKey::Net(self.key),
+            Target::Exec { path, .. } => OriginKey::Exec(self.key.sandbox_id, path.clone()),
+        }
     }
 }
 
@@ -474,11 +462,14 @@ impl Ask {
 /// destruction), then hands the ask's record to the audit pipeline.
 fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took: Duration, query_ns: u64) {
     let engine_done_ns = boot_ns();
+    let origin_key = ask.origin_key();
     let Ask {
         settings: s,
-        ev,
+        key,
+        disposition,
+        ts_boot_ns,
         header,
-        daddr,
+        target,
         received_ns,
         ..
     } = ask;
@@ -508,26 +499,28 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
                 cache_ttl_s: Some(a.ttl_s.unwrap_or(s.cache_ttl_s)),
             }
         }
-        Err(e) => unavailable(shared, &s, &ev.key, engine, latency_us, &e),
+        Err(e) => unavailable(shared, &s, &key, engine, latency_us, &e),
     };
     let cache_ttl = out.cache_ttl_s.filter(|t| *t > 0);
     if cache_ttl.is_some() {
         // Known before the verdict can be hit, so a hit's record can name it.
         let mut origin = json!({"engine": engine, "latency_us": latency_us});
         origin["decision_id"] = out.pdp["decision_id"].clone();
-        shared.origins.insert(ev.key, origin);
+        shared.origins.insert(origin_key, origin);
     }
     // The verdict goes into the cache before the connect is released, so
     // the retransmitted SYN, and every later connect, sees it.
     {
         let mut maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ttl) = cache_ttl
-            && let Err(e) = maps.put(&ev.key, out.allow, s.revision, ttl)
+            && let Err(e) = maps.put(&key, out.allow, s.revision, ttl)
         {
             tracing::error!("writing the verdict cache: {e}");
         }
-        if ev.disposition == ASK_HELD {
-            release_or_destroy(&mut maps, &ev, out.allow, daddr);
+        if let Target::Net { ev, daddr } = &target
+            && disposition == ASK_HELD
+        {
+            release_or_destroy(&mut maps, ev, out.allow, *daddr);
         }
     }
     let written_ns = boot_ns();
@@ -536,14 +529,14 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(AskTiming {
-            to_receipt: received_ns.saturating_sub(ev.header.ts_boot_ns),
+            to_receipt: received_ns.saturating_sub(ts_boot_ns),
             query: query_ns.saturating_sub(received_ns),
             engine: engine_done_ns.saturating_sub(query_ns),
             to_map: written_ns.saturating_sub(engine_done_ns),
         });
 
-    let is_tcp_connect = ev.key.action == ACTION_NET_CONNECT && ev.key.protocol == u32::from(PROTO_TCP);
-    let (verdict, attempt) = match ev.disposition {
+    let is_tcp_connect = key.action == ACTION_NET_CONNECT && key.protocol == u32::from(PROTO_TCP);
+    let (verdict, attempt) = match disposition {
         ASK_HELD => (out.allow, "held"),
         ASK_DENIED_NOW => (false, "denied while asking"),
         ASK_ALLOWED_NOW => (out.allow && is_tcp_connect, "allowed (audit mode) while asking"),
@@ -555,16 +548,24 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
     let mut header = header;
     header.source = out.source;
     header.verdict = if verdict { Verdict::Allow } else { Verdict::Deny };
-    let decision = Decision::Net {
-        header,
-        op: if ev.key.action == ACTION_NET_CONNECT {
-            NetOp::Connect
-        } else {
-            NetOp::Send
+    let decision = match target {
+        Target::Net { daddr, .. } => Decision::Net {
+            header,
+            op: if key.action == ACTION_NET_CONNECT {
+                NetOp::Connect
+            } else {
+                NetOp::Send
+            },
+            protocol: key.protocol as u8,
+            daddr,
+            dport: key.dport as u16,
         },
-        protocol: ev.key.protocol as u8,
-        daddr,
-        dport: ev.key.dport as u16,
+        Target::Exec { path, argv } => Decision::Exec {
+            header,
+            op: ExecOp::Exec,
+            path: Some(path),
+            argv,
+        },
     };
     let _ = shared.records.send(AskRecord { decision, pdp });
 }

@@ -151,7 +151,8 @@ fn missing_sections_do_not_restrict() {
         p.exec,
         ExecSection {
             default: Verdict::Allow,
-            rules: vec![]
+            rules: vec![],
+            ask: false
         }
     );
     assert_eq!(p.pdp, PdpConfig::default());

@@ -175,7 +175,7 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         .install_exec_and_inode_rules(&exec, &inodes)
         .map_err(|e| RunError::Other(e.into()))?;
     if asks {
-        crate::pdp::standalone::prepare(&mut enforcer, STANDALONE_SANDBOX_ID)
+        crate::pdp::standalone::prepare_for(&mut enforcer, &policy, STANDALONE_SANDBOX_ID)
             .map_err(|e| RunError::Unsupported(format!("cannot load the PDP programs: {e}")))?;
     }
     // DNS-aware policy (issue 7): the resolver's port must be in the kernel
