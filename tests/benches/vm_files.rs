@@ -372,7 +372,7 @@ fn main() {
         row(
             "open+close, sandboxed, 1,000 path rules",
             &a,
-            "resolve (bpf_d_path) + hash walk + lookups + record, no verdict cache",
+            "per-file verdict cache hit (identity reads + LRU lookup) + a record per open",
         ),
         serde_json::json!({"scenario": "open+close, 1,000 path rules (default allow, 999 deny prefixes), Landlock peer",
             "note": "peer cannot express it: Landlock only grants rights beneath directories (no default allow, no deny inside an allowed tree, no name rules)"}),
