@@ -113,12 +113,14 @@ fn try_file_open(ctx: &LsmContext) -> i32 {
     let inode = vfs::file_inode(file);
     // SAFETY: as above; `f_path` is a `struct path` member of `struct file`.
     let f_path = unsafe { file.add(kernel::file_f_path() as usize) } as *mut path;
-    let (mnt, dentry) = vfs::path_parts(f_path as *const u8);
     if access & ACCESS_WRITE != 0
         && let Some(op) = protected_fs(vfs::inode_sb(inode))
     {
+        let (mnt, dentry) = vfs::path_parts(f_path as *const u8);
         return protect::deny_path(&sb, op, mnt, dentry, 0);
     }
+    // The dentry is read only above: the rest needs the mount alone.
+    let mnt = vfs::path_mnt(f_path as *const u8);
     let Some(v) = filecache::CACHE_SCRATCH.get_ptr_mut(0) else {
         return -EPERM;
     };

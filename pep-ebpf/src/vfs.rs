@@ -110,6 +110,12 @@ pub fn read_val<T: Copy + Default>(base: *const u8, off: usize) -> T {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(off) as *const T) }.unwrap_or_default()
 }
 
+/// `path->mnt`.
+#[inline(always)]
+pub fn path_mnt(path: *const u8) -> *const u8 {
+    read_ptr(path, global(&PATH_MNT))
+}
+
 /// `path->mnt` and `path->dentry`.
 #[inline(always)]
 pub fn path_parts(path: *const u8) -> (*const u8, *const u8) {

@@ -162,13 +162,35 @@ pub fn file_probe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/file_probe.py")
 }
 
-/// Runs the file probe under `policy`; returns one RESULT per probe.
-pub fn file_probes(policy: &Path, extra: &[&str], probes: &[(&str, &Path)]) -> (Vec<String>, Output) {
+/// Runs the file probe under `policy` with (op, argument) pairs; returns one
+/// RESULT per probe.
+pub fn probes(policy: &Path, extra: &[&str], ops: &[(&str, String)]) -> (Vec<String>, Output) {
     let mut cmd: Vec<String> = vec!["python3".into(), file_probe().display().to_string()];
-    for (op, p) in probes {
-        cmd.extend([op.to_string(), p.display().to_string()]);
+    for (op, a) in ops {
+        cmd.extend([op.to_string(), a.clone()]);
     }
     let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
     let out = pep_run(policy, extra, &cmd);
     (probe_results(&out), out)
+}
+
+/// As `probes`, with paths as the arguments.
+pub fn file_probes(policy: &Path, extra: &[&str], ops: &[(&str, &Path)]) -> (Vec<String>, Output) {
+    let ops: Vec<(&str, String)> = ops.iter().map(|(op, p)| (*op, p.display().to_string())).collect();
+    probes(policy, extra, &ops)
+}
+
+/// Starts `pep-agent run` under `policy` with a shell that idles until
+/// `stop` exists, and gives the programs half a second to attach: a sandbox
+/// held open while the test acts from outside it.
+pub fn idle_sandbox(policy: &Path, stop: &Path) -> std::process::Child {
+    let child = std::process::Command::new(pep_agent_bin())
+        .args(["run", "--policy"])
+        .arg(policy)
+        .args(["--", "sh", "-c"])
+        .arg(format!("while [ ! -e {} ]; do sleep 0.05; done", stop.display()))
+        .spawn()
+        .expect("spawn pep-agent run");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child
 }

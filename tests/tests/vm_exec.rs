@@ -13,16 +13,6 @@ fn copy_exe(src: &str, dst: &Path) {
     std::fs::copy(src, dst).unwrap_or_else(|e| panic!("copy {src}: {e}"));
 }
 
-fn probes(policy: &Path, extra: &[&str], ops: &[(&str, String)]) -> (Vec<String>, std::process::Output) {
-    let mut cmd: Vec<String> = vec!["python3".into(), file_probe().display().to_string()];
-    for (op, a) in ops {
-        cmd.extend([op.to_string(), a.clone()]);
-    }
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let out = pep_run(policy, extra, &cmd);
-    (probe_results(&out), out)
-}
-
 /// `true(1)`'s resolved path: the program the tests copy and link.
 const TRUE: &str = "/usr/bin/true";
 
@@ -170,14 +160,7 @@ fn unsandboxed_exec_is_unaffected() {
         ),
     );
     let stop = d.join("stop");
-    let child = std::process::Command::new(pep_agent_bin())
-        .args(["run", "--policy"])
-        .arg(&p)
-        .args(["--", "sh", "-c"])
-        .arg(format!("while [ ! -e {} ]; do sleep 0.05; done", stop.display()))
-        .spawn()
-        .expect("spawn");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let child = idle_sandbox(&p, &stop);
     for _ in 0..5 {
         let st = std::process::Command::new(d.join("denied"))
             .status()

@@ -35,16 +35,6 @@ fn tree(s: &Scratch) {
     }
 }
 
-fn probes(policy: &Path, extra: &[&str], ops: &[(&str, String)]) -> (Vec<String>, std::process::Output) {
-    let mut cmd: Vec<String> = vec!["python3".into(), file_probe().display().to_string()];
-    for (op, a) in ops {
-        cmd.extend([op.to_string(), a.clone()]);
-    }
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let out = pep_run(policy, extra, &cmd);
-    (probe_results(&out), out)
-}
-
 fn records_for<'a>(recs: &'a [serde_json::Value], path: &Path) -> Vec<&'a serde_json::Value> {
     let p = path.display().to_string();
     recs.iter().filter(|r| r["file"]["path"] == p.as_str()).collect()

@@ -142,14 +142,7 @@ fn unsandboxed_processes_are_unaffected() {
     let key = s.dir.join("secret/key");
     let stop = s.dir.join("stop");
     // While a sandbox holds the deny, this process (outside it) reads the file.
-    let child = std::process::Command::new(pep_agent_bin())
-        .args(["run", "--policy"])
-        .arg(&p)
-        .args(["--", "sh", "-c"])
-        .arg(format!("while [ ! -e {} ]; do sleep 0.05; done", stop.display()))
-        .spawn()
-        .expect("spawn");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let child = idle_sandbox(&p, &stop);
     for _ in 0..10 {
         assert_eq!(std::fs::read_to_string(&key).expect("outside read works"), "k");
     }
@@ -437,15 +430,4 @@ fn paths_at_and_past_the_length_limit() {
             .any(|r| r["file"]["path"] == at_s.as_str() && r["verdict"] == "allow"),
         "a path at the limit is resolved and recorded whole"
     );
-}
-
-/// Runs the probe with (op, arg) pairs given as owned strings.
-fn probes(policy: &Path, extra: &[&str], ops: &[(&str, String)]) -> (Vec<String>, std::process::Output) {
-    let mut cmd: Vec<String> = vec!["python3".into(), file_probe().display().to_string()];
-    for (op, a) in ops {
-        cmd.extend([op.to_string(), a.clone()]);
-    }
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let out = pep_run(policy, extra, &cmd);
-    (probe_results(&out), out)
 }

@@ -5,19 +5,9 @@
 //! Each attempt fails and is recorded; the same attempts from outside the
 //! sandbox, at the same time, are not affected.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use pep_tests::*;
-
-fn probes(policy: &Path, extra: &[&str], ops: &[(&str, String)]) -> (Vec<String>, std::process::Output) {
-    let mut cmd: Vec<String> = vec!["python3".into(), file_probe().display().to_string()];
-    for (op, a) in ops {
-        cmd.extend([op.to_string(), a.clone()]);
-    }
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let out = pep_run(policy, extra, &cmd);
-    (probe_results(&out), out)
-}
 
 /// The bpffs mount (the VM mounts one at /sys/fs/bpf).
 fn bpffs() -> PathBuf {
@@ -121,14 +111,7 @@ fn the_same_attempts_from_outside_are_unaffected() {
         "apiVersion: pep/v1\nname: idle\nnetwork:\n  default: allow\nfiles:\n  default: allow\n",
     );
     let stop = d.join("stop");
-    let child = std::process::Command::new(pep_agent_bin())
-        .args(["run", "--policy"])
-        .arg(&p)
-        .args(["--", "sh", "-c"])
-        .arg(format!("while [ ! -e {} ]; do sleep 0.05; done", stop.display()))
-        .spawn()
-        .expect("spawn");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let child = idle_sandbox(&p, &stop);
     let cg = cgroup2_root().join(format!("pep-test-out-{}", std::process::id()));
     let bpf_dir = bpffs().join(format!("pep-test-out-{}", std::process::id()));
     let out = std::process::Command::new("python3")

@@ -4,16 +4,9 @@
 //! Best effort: a client that exits before the scan is recorded without a
 //! process.
 
-use std::{
-    io,
-    net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::Path,
-};
+use std::{io, net::SocketAddr, path::Path};
 
-use crate::kernel::sockdiag::{
-    NETLINK_SOCK_DIAG, NLM_F_REQUEST, NLMSG_ERROR, NlMsgHdr, ReqV2, Request, SockId,
-};
+use crate::kernel::sockdiag::{NLM_F_REQUEST, Reply, Request, SockId, exchange, octets};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// `INET_DIAG_NOCOOKIE`: do not check the cookie.
@@ -27,87 +20,34 @@ pub struct SockInfo {
     pub cookie: u64,
 }
 
-fn octets(a: IpAddr) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    match a {
-        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
-        IpAddr::V6(v6) => out = v6.octets(),
-    }
-    out
-}
-
 /// Looks up a socket by its two ends. The kernel's UDP lookup reads the
 /// request's src/dst the other way round from TCP's ("swapped for
 /// historical reasons"), so callers try both orientations and check that the
 /// owner is in the sandbox. `protocol`: IPPROTO_TCP or IPPROTO_UDP.
 pub fn query(src: SocketAddr, dst: SocketAddr, protocol: u8) -> io::Result<SockInfo> {
-    // SAFETY: plain socket(2).
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let family = if src.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     } as u8;
-    let msg = Request {
-        hdr: NlMsgHdr {
-            len: size_of::<Request>() as u32,
-            ty: SOCK_DIAG_BY_FAMILY,
-            flags: NLM_F_REQUEST,
-            seq: 1,
-            pid: 0,
+    let msg = Request::new(
+        SOCK_DIAG_BY_FAMILY,
+        NLM_F_REQUEST,
+        family,
+        protocol,
+        SockId {
+            sport: src.port().to_be_bytes(),
+            dport: dst.port().to_be_bytes(),
+            src: octets(src.ip(), family),
+            dst: octets(dst.ip(), family),
+            ifindex: 0,
+            cookie: [NO_COOKIE, NO_COOKIE],
         },
-        req: ReqV2 {
-            family,
-            protocol,
-            ext: 0,
-            pad: 0,
-            states: u32::MAX,
-            id: SockId {
-                sport: src.port().to_be_bytes(),
-                dport: dst.port().to_be_bytes(),
-                src: octets(src.ip()),
-                dst: octets(dst.ip()),
-                ifindex: 0,
-                cookie: [NO_COOKIE, NO_COOKIE],
-            },
-        },
-    };
-    // SAFETY: a fully initialised repr(C) message of its own size (every
-    // padding byte is a field).
-    let n = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            (&msg as *const Request).cast(),
-            size_of::<Request>(),
-            0,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    );
     let mut buf = [0u8; 1024];
-    // SAFETY: receiving into a buffer we own, of its length.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    let ty = u16::from_ne_bytes([buf[4], buf[5]]);
-    if ty == NLMSG_ERROR {
-        let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-        return Err(io::Error::from_raw_os_error(-err));
-    }
+    let Reply::Msg { ty, len: n } = exchange(&msg, &mut buf)? else {
+        return Err(io::Error::other("unexpected sock_diag reply"));
+    };
     // nlmsghdr (16), then inet_diag_msg: family, state, timer, retrans (4),
     // sockid (48: cookie at 40), expires, rqueue, wqueue, uid, inode.
     if ty != SOCK_DIAG_BY_FAMILY || n < 16 + 72 {
@@ -179,17 +119,5 @@ fn proc_info(pid: u32, cgroup: &Path) -> ProcInfo {
             .map(|c| c.trim_end().to_owned())
             .unwrap_or_default(),
         cgroup_id: std::fs::metadata(cgroup).map(|m| m.ino()).unwrap_or(0),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_layout_matches_the_kernel() {
-        assert_eq!(size_of::<SockId>(), 48);
-        assert_eq!(size_of::<ReqV2>(), 56);
-        assert_eq!(size_of::<Request>(), 72);
     }
 }
