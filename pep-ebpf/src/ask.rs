@@ -48,7 +48,7 @@ use pep_common::{
     sandbox::MODE_AUDIT,
 };
 
-use crate::{audit, sandbox::Sandbox, vfs};
+use crate::{audit, kernel, sandbox::Sandbox, vfs};
 
 /// Cached PDP verdicts. LRU: the size is bounded and an evicted verdict is
 /// only asked again.
@@ -156,6 +156,7 @@ pub fn on_miss(
     let audit_mode = sb.config.mode == MODE_AUDIT;
     let hold = protocol == u32::from(PROTO_TCP) && op == ACTION_NET_CONNECT && !audit_mode;
     audit::fill_header(&mut ev.header, KIND_ASK, sb, VERDICT_DENY, SOURCE_PDP, RULE_NONE);
+    kernel::current_exe(&mut ev.exe);
     ev.saddr = [0; 16];
     ev.sport = 0;
     ev.sent = 0;
@@ -287,6 +288,8 @@ pub fn on_exec_miss(
         ASK_DENIED_NOW
     };
     ev._pad = 0;
+    // Still the image that execs: the new one replaces it only later.
+    kernel::current_exe(&mut ev.exe);
     entry.submit(BPF_RB_FORCE_WAKEUP);
     ExecMiss::Asked
 }

@@ -71,18 +71,22 @@ pub fn fill_header(
 /// Reserves room for one event of type `T`, counting the decision and, when
 /// the ring buffer is full, the loss. `fill` writes the whole event.
 ///
-/// Submitted with the kernel's default wakeup (the consumer is woken when it
-/// has caught up). Allows were once submitted with `BPF_RB_NO_WAKEUP`, left
-/// to the consumer's 10 ms timer: in the Debian 6.1 guest that made
-/// `file_open` about 3x slower per run (bpf_stats: 18-27 us against 7.3-7.7
-/// us), so every event wakes as the kernel decides.
+/// Submitted with the kernel's default wakeup: the consumer is woken for
+/// the first record after it has caught up, and it waits a moment after each
+/// drain (`audit::pipeline::COALESCE`) so that a stream of records costs a
+/// wakeup per window, not per record. (Allows were once submitted with
+/// `BPF_RB_NO_WAKEUP`, left to the consumer's 10 ms timer; that measured
+/// slower in the Debian 6.1 guest, so every event wakes as the kernel
+/// decides.)
 #[inline(always)]
 pub fn emit<T: 'static>(fill: impl FnOnce(&mut T)) {
     bump(COUNTER_DECISIONS);
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
-            // SAFETY: `fill` writes every field of `T` (all plain integers),
-            // so the reserved memory is fully initialised before submit.
+            // SAFETY: `fill` writes every field of `T` (all plain integers)
+            // that userspace reads; a path buffer may be written only up to
+            // its length (`file::record`). The rest holds what the ring held
+            // before, bytes of earlier records that only the agent reads.
             let ev = unsafe { &mut *entry.as_mut_ptr() };
             fill(ev);
             entry.submit(0);

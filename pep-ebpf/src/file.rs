@@ -32,7 +32,7 @@
 
 use aya_ebpf::{
     bindings::path,
-    helpers::{bpf_probe_read_kernel, generated::bpf_d_path},
+    helpers::generated::bpf_d_path,
     macros::{lsm, map},
     maps::{HashMap, PerCpuArray},
     programs::LsmContext,
@@ -50,7 +50,7 @@ use pep_common::{
     sandbox::MODE_AUDIT,
 };
 
-use crate::{audit, filecache, kernel, protect, sandbox, vfs};
+use crate::{audit, filecache, kernel, protect, sandbox, typed, vfs};
 
 #[map]
 static FILE_RULES: HashMap<FileRuleKey, FileRuleValue> = HashMap::with_max_entries(65536, 0);
@@ -99,10 +99,9 @@ fn try_file_open(ctx: &LsmContext) -> i32 {
     let Some(sb) = sandbox::current() else {
         return 0;
     };
+    // Typed: the fields on the way to a cache hit are plain loads (`typed.rs`).
     let file: *const u8 = ctx.arg(0);
-    // SAFETY: `file` is the hook's trusted argument; the offset comes from BTF.
-    let f_mode: u32 =
-        unsafe { bpf_probe_read_kernel(file.add(kernel::file_f_mode() as usize) as *const u32) }.unwrap_or(0);
+    let f_mode = typed::file_mode(file);
     let mut access = 0;
     if f_mode & FMODE_READ != 0 {
         access |= ACCESS_READ;
@@ -110,17 +109,13 @@ fn try_file_open(ctx: &LsmContext) -> i32 {
     if f_mode & FMODE_WRITE != 0 {
         access |= ACCESS_WRITE;
     }
-    let inode = vfs::file_inode(file);
-    // SAFETY: as above; `f_path` is a `struct path` member of `struct file`.
-    let f_path = unsafe { file.add(kernel::file_f_path() as usize) } as *mut path;
+    let inode = typed::file_inode(file);
+    let mnt = typed::file_mnt(file);
     if access & ACCESS_WRITE != 0
-        && let Some(op) = protected_fs(vfs::inode_sb(inode))
+        && let Some(op) = protected_fs(typed::inode_sb(inode))
     {
-        let (mnt, dentry) = vfs::path_parts(f_path as *const u8);
-        return protect::deny_path(&sb, op, mnt, dentry, 0);
+        return protect::deny_path(&sb, op, mnt, typed::file_dentry(file), 0);
     }
-    // The dentry is read only above: the rest needs the mount alone.
-    let mnt = vfs::path_mnt(f_path as *const u8);
     let Some(v) = filecache::CACHE_SCRATCH.get_ptr_mut(0) else {
         return -EPERM;
     };
@@ -133,7 +128,10 @@ fn try_file_open(ctx: &LsmContext) -> i32 {
         return record(&sb, cached, access);
     }
     audit::bump(COUNTER_FILE_CACHE_MISS);
-    // SAFETY: `f_path` points into the hook's `struct file`.
+    // SAFETY: `f_path` points into the hook's `struct file`; the offset
+    // comes from BTF.
+    let f_path = unsafe { file.add(kernel::file_f_path() as usize) } as *mut path;
+    // SAFETY: `f_path` is the hook's `struct path`.
     let len = unsafe { bpf_d_path(f_path, v.path.as_mut_ptr() as *mut _, PATH_MAX_LEN as u32) };
     // A file in a mount the task's root does not reach has no path that
     // means anything here (`vfs::mount_reachable`). Through `opaque`: one
@@ -220,11 +218,19 @@ fn record(sb: &sandbox::Sandbox, v: &FileCacheValue, access: u32) -> i32 {
     let [verdict, source, rule, path_len] =
         vfs::opaque([verdict.into(), source.into(), rule.into(), v.path_len.into()]).map(|x| x as u32);
     let path = v.path.as_ptr();
+    // The path and its NUL only, not the whole buffer: this runs on every
+    // open, and most paths are a fraction of PATH_MAX_LEN. The rest of the
+    // record's buffer is not written (userspace reads `path_len` bytes).
+    let copy_len = if path_len < PATH_MAX_LEN as u32 {
+        path_len as usize + 1
+    } else {
+        0
+    };
     audit::emit(|ev: &mut FileEvent| {
         audit::fill_header(&mut ev.header, KIND_FILE, sb, verdict, source, rule);
         ev.access = access;
         ev.path_len = path_len;
-        vfs::copy(ev.path.as_mut_ptr(), path, PATH_MAX_LEN);
+        vfs::copy(ev.path.as_mut_ptr(), path, copy_len);
     });
     answer(sb, verdict)
 }

@@ -34,7 +34,10 @@ use aya_ebpf::{
 };
 use pep_common::file::FileCacheValue;
 
-use crate::vfs::{self, global, read_val};
+use crate::{
+    typed,
+    vfs::{self, global, read_val},
+};
 
 /// 8,192 entries of about 350 bytes: under 3 MiB, preallocated.
 #[map]
@@ -63,7 +66,8 @@ const S_IFDIR: u16 = 0o040_000;
 
 /// Reads into the working entry `v` what a cached entry must agree with,
 /// for `inode` opened through `mnt` by the current task. The epoch is read
-/// first, before the caller resolves anything.
+/// first, before the caller resolves anything. `inode` and `mnt` are typed
+/// pointers (`typed.rs`): `file_open`'s own.
 ///
 /// The identity lives in the per-CPU map value, not on the stack: values
 /// loaded back from a map are unknown to the verifier, so the rest of the
@@ -72,12 +76,14 @@ const S_IFDIR: u16 = 0o040_000;
 #[inline(always)]
 pub fn identify(v: &mut FileCacheValue, inode: *const u8, mnt: *const u8) {
     v.epoch = epoch();
-    let (dev, ino) = vfs::inode_id(inode);
-    let (root_mnt, root) = vfs::task_root();
+    let (dev, ino) = typed::inode_id(inode);
+    let (root_mnt, root) = typed::task_root();
+    let (generation, nlink) =
+        typed::inode_generation_nlink(inode, global(&INODE_I_GENERATION), global(&INODE_I_NLINK));
     v.dev = dev;
     v.ino = ino;
-    v.generation = read_val(inode, global(&INODE_I_GENERATION));
-    v.nlink = read_val(inode, global(&INODE_I_NLINK));
+    v.generation = generation;
+    v.nlink = nlink;
     v.mnt = mnt as u64;
     v.root_mnt = root_mnt as u64;
     v.root = root as u64;

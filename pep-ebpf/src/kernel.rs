@@ -180,3 +180,38 @@ pub fn task_tgid(task: *const u8) -> u32 {
     // SAFETY: probe reads tolerate any address; a bad one yields an error.
     unsafe { bpf_probe_read_kernel(task.add(off_tgid as usize) as *const u32) }.unwrap_or(0)
 }
+
+/// `offsetof(struct task_struct, mm)`.
+#[unsafe(no_mangle)]
+static TASK_MM: u64 = 0;
+/// `offsetof(struct mm_struct, exe_file)`.
+#[unsafe(no_mangle)]
+static MM_EXE_FILE: u64 = 0;
+/// `offsetof(struct task_struct, self_exec_id)` (a u64 since 5.7).
+#[unsafe(no_mangle)]
+static TASK_SELF_EXEC_ID: u64 = 0;
+
+/// The current process's executable image (`pep_common::ask::ExeIdentity`):
+/// its exec generation and `mm->exe_file`'s inode. All zero when it cannot
+/// be read (a kernel thread has no mm).
+#[inline(always)]
+pub fn current_exe(out: &mut pep_common::ask::ExeIdentity) {
+    out.exec_id = 0;
+    out.dev = 0;
+    out.ino = 0;
+    let (off_mm, off_exe, off_id) = (global(&TASK_MM), global(&MM_EXE_FILE), global(&TASK_SELF_EXEC_ID));
+    if off_mm == 0 || off_exe == 0 || off_id == 0 {
+        return;
+    }
+    // SAFETY: plain helper call; the task pointer is only probe-read.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let mm = crate::vfs::read_ptr(task, off_mm as usize);
+    let file = crate::vfs::read_ptr(mm, off_exe as usize);
+    let (dev, ino) = crate::vfs::inode_id(crate::vfs::file_inode(file));
+    if ino == 0 {
+        return;
+    }
+    out.exec_id = crate::vfs::read_val::<u64>(task, off_id as usize);
+    out.dev = dev;
+    out.ino = ino;
+}

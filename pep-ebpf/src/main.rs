@@ -27,6 +27,7 @@ mod mount;
 mod net;
 mod protect;
 mod sandbox;
+mod typed;
 mod vfs;
 
 #[cfg(not(test))]

@@ -27,10 +27,10 @@ use pep_common::event::PATH_MAX_LEN;
 
 /// `offsetof(struct path, mnt)`.
 #[unsafe(no_mangle)]
-static PATH_MNT: u64 = 0;
+pub(crate) static PATH_MNT: u64 = 0;
 /// `offsetof(struct path, dentry)`.
 #[unsafe(no_mangle)]
-static PATH_DENTRY: u64 = 0;
+pub(crate) static PATH_DENTRY: u64 = 0;
 /// `offsetof(struct dentry, d_parent)`.
 #[unsafe(no_mangle)]
 static DENTRY_D_PARENT: u64 = 0;
@@ -63,22 +63,22 @@ static MOUNT_MNT_PARENT: u64 = 0;
 static MOUNT_MNT_MOUNTPOINT: u64 = 0;
 /// `offsetof(struct task_struct, fs)`.
 #[unsafe(no_mangle)]
-static TASK_FS: u64 = 0;
+pub(crate) static TASK_FS: u64 = 0;
 /// `offsetof(struct fs_struct, root)`.
 #[unsafe(no_mangle)]
-static FS_ROOT: u64 = 0;
+pub(crate) static FS_ROOT: u64 = 0;
 /// `offsetof(struct file, f_inode)`.
 #[unsafe(no_mangle)]
-static FILE_F_INODE: u64 = 0;
+pub(crate) static FILE_F_INODE: u64 = 0;
 /// `offsetof(struct inode, i_ino)`.
 #[unsafe(no_mangle)]
-static INODE_I_INO: u64 = 0;
+pub(crate) static INODE_I_INO: u64 = 0;
 /// `offsetof(struct inode, i_sb)`.
 #[unsafe(no_mangle)]
-static INODE_I_SB: u64 = 0;
+pub(crate) static INODE_I_SB: u64 = 0;
 /// `offsetof(struct super_block, s_dev)`.
 #[unsafe(no_mangle)]
-static SB_S_DEV: u64 = 0;
+pub(crate) static SB_S_DEV: u64 = 0;
 /// `offsetof(struct super_block, s_magic)`.
 #[unsafe(no_mangle)]
 static SB_S_MAGIC: u64 = 0;
@@ -108,12 +108,6 @@ pub fn read_val<T: Copy + Default>(base: *const u8, off: usize) -> T {
     }
     // SAFETY: as `read_ptr`.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(off) as *const T) }.unwrap_or_default()
-}
-
-/// `path->mnt`.
-#[inline(always)]
-pub fn path_mnt(path: *const u8) -> *const u8 {
-    read_ptr(path, global(&PATH_MNT))
 }
 
 /// `path->mnt` and `path->dentry`.

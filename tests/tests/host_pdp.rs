@@ -589,3 +589,60 @@ fn audit_mode_misses_go_ahead_and_are_asked() {
         );
     }
 }
+
+/// `subject.exe` follows an exec under the same pid, even of a hard link to
+/// the same file (same inode, another name): a process runs `a`, connects
+/// (the PDP denies `a`), execs `b` and connects again (the PDP allows `b`).
+/// A name cached by pid, or by pid and inode, would still say `a`.
+#[test]
+fn subject_exe_follows_an_exec_under_the_same_pid() {
+    let s = Scratch::new("pdp-exe");
+    let (a, b) = (s.dir.join("a"), s.dir.join("b"));
+    std::fs::copy("/bin/bash", &a).expect("copy bash");
+    std::fs::hard_link(&a, &b).expect("hard link");
+    let (first, second) = (tcp_server("127.0.0.1:0").port(), tcp_server("127.0.0.1:0").port());
+    let rego = s.write(
+        "exe.rego",
+        "package pep\n\
+         default decision := false\n\
+         decision := {\"allow\": true, \"ttl_s\": 60} if endswith(input.subject.exe, \"/b\")\n",
+    );
+    let policy = s.write(
+        "policy.yaml",
+        &format!(
+            "apiVersion: pep/v1\nname: pdpexe\nnetwork:\n  default: ask\n\
+             pdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n",
+            rego.display()
+        ),
+    );
+    // A brace group, not a subshell: the connect is made by the shell's
+    // own process, whose pid it prints.
+    let connect = |port: u16, name: &str| {
+        format!(
+            "{{ echo {name}-allowed $$; }} 2>/dev/null 3<>/dev/tcp/127.0.0.1/{port} || echo {name}-denied $$"
+        )
+    };
+    let script = format!(
+        "{}; exec {} -c '{}'",
+        connect(first, "a"),
+        b.display(),
+        connect(second, "b")
+    );
+    let audit = s.dir.join("audit.jsonl");
+    let audit_arg = audit.display().to_string();
+    let out = pep_run(
+        &policy,
+        &["--audit", &audit_arg],
+        &[a.to_str().expect("utf-8"), "-c", &script],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<(&str, &str)> = stdout.lines().filter_map(|l| l.split_once(' ')).collect();
+    let results: Vec<&str> = lines.iter().map(|(r, _)| *r).collect();
+    assert_eq!(
+        results,
+        ["a-denied", "b-allowed"],
+        "stdout: {stdout}; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines[0].1, lines[1].1, "one pid for both connects: {stdout}");
+}

@@ -333,8 +333,12 @@ fn qemu_args(image: &GuestImage, run_dir: &Path) -> Vec<String> {
         "-append".to_owned(),
         // softlockup_panic: a guest kernel that locks up stops at once (the
         // harness reports the command as unfinished, with the console tail)
-        // instead of burning the whole timeout.
-        "console=ttyS0 panic=-1 softlockup_panic=1 quiet rdinit=/init".to_owned(),
+        // instead of burning the whole timeout. tsc=reliable: under TCG the
+        // guest otherwise drops the TSC (its watchdog sees emulation jitter)
+        // and falls back to the HPET, where every clock read, the kernel's
+        // and the vDSO's, is an emulated device access costing microseconds:
+        // a distortion of every timed path that hardware does not have.
+        "console=ttyS0 panic=-1 softlockup_panic=1 quiet rdinit=/init tsc=reliable".to_owned(),
         // The host root spans several devices: remap inode numbers so they stay unique.
         "-fsdev".to_owned(),
         "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap".to_owned(),

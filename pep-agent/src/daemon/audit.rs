@@ -74,6 +74,9 @@ impl AuditTask {
                         let more = drain(guard.get_inner_mut(), &mut self.pipeline, &self.metrics, BATCH)?;
                         if !more {
                             guard.clear_ready();
+                            if !stopping {
+                                tokio::time::sleep(pipeline::COALESCE).await;
+                            }
                         }
                     }
                 }

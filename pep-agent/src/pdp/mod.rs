@@ -1,6 +1,8 @@
 //! The Policy Decision Point side of the PEP: asking, answering, caching.
 //!
 //! - `query`: SPEC's decision query (the `input` every engine is given);
+//!   `input`: the same as regorus' input value; `exe`: `subject.exe` named
+//!   once per executable image;
 //! - `answer`: the answer's shapes (`result` boolean or object; missing is
 //!   deny; anything else is deny with the reason recorded);
 //! - `builtin`, `rego`, `opa`: the three engines behind the `Pdp` trait;
@@ -20,6 +22,8 @@ pub mod builtin;
 pub mod cache;
 pub mod engine;
 pub mod eval;
+pub mod exe;
+pub mod input;
 pub mod kernel;
 pub mod miss;
 pub mod opa;

@@ -26,11 +26,27 @@ pub enum OriginKey {
     Exec(u32, String),
 }
 
-/// What cache-hit records need from the PDP task: the `pdp` object of the
-/// decision each cached verdict came from.
+/// The decision a cached verdict came from. Kept as plain fields: it is
+/// stored on the way to writing the verdict, and made into the record's
+/// `pdp` object only when a hit is recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub engine: &'static str,
+    pub decision_id: Option<String>,
+    pub latency_us: u64,
+}
+
+impl Origin {
+    fn to_json(&self) -> Value {
+        json!({"engine": self.engine, "decision_id": self.decision_id, "latency_us": self.latency_us})
+    }
+}
+
+/// What cache-hit records need from the PDP task: the decision each cached
+/// verdict came from.
 #[derive(Clone, Default)]
 pub struct CacheOrigins {
-    inner: Arc<Mutex<HashMap<OriginKey, Value>>>,
+    inner: Arc<Mutex<HashMap<OriginKey, Origin>>>,
 }
 
 /// Most origins remembered (the kernel cache holds 65536 entries; a record
@@ -38,7 +54,7 @@ pub struct CacheOrigins {
 const MAX_ORIGINS: usize = 65536;
 
 impl CacheOrigins {
-    pub fn insert(&self, key: OriginKey, v: Value) {
+    pub fn insert(&self, key: OriginKey, v: Origin) {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() >= MAX_ORIGINS {
             m.clear();
@@ -75,8 +91,7 @@ impl CacheOrigins {
         let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         Some(
             m.get(&key)
-                .cloned()
-                .unwrap_or_else(|| json!({ "engine": engine })),
+                .map_or_else(|| json!({ "engine": engine }), Origin::to_json),
         )
     }
 }

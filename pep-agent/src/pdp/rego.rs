@@ -3,15 +3,13 @@
 //! Loading parses every module, so invalid Rego is rejected at `policy
 //! check` and at load, with regorus' `file:line:col` message.
 
-use std::{collections::BTreeMap, path::Path, sync::Mutex};
+use std::{path::Path, sync::Mutex};
 
 use serde_json::Value;
 
 use super::{
-    DecideFuture, Pdp, PdpDecision, PdpError,
-    answer::parse_result,
-    new_decision_id,
-    query::{Query, Resource},
+    DecideFuture, Pdp, PdpDecision, PdpError, answer::parse_result, input::Interned, new_decision_id,
+    query::Query,
 };
 
 /// Invalid Rego, or a query that is not a rule of the loaded modules.
@@ -23,8 +21,14 @@ pub struct RegoError(pub String);
 pub struct Rego {
     /// regorus evaluates with `&mut self`; one evaluation at a time (each
     /// takes microseconds).
-    engine: Mutex<regorus::Engine>,
+    engine: Mutex<Inner>,
     query: String,
+}
+
+struct Inner {
+    engine: regorus::Engine,
+    /// What `decide_now` builds its input from.
+    input: Interned,
 }
 
 impl Rego {
@@ -33,15 +37,18 @@ impl Rego {
     pub fn load(files: &[impl AsRef<Path>], query: &str) -> Result<Self, RegoError> {
         let engine = load_engine(files)?;
         Ok(Self {
-            engine: Mutex::new(engine),
+            engine: Mutex::new(Inner {
+                engine,
+                input: Interned::default(),
+            }),
             query: query.to_owned(),
         })
     }
 
     /// `query`'s value for `input`; `None` when undefined.
     pub fn eval(&self, query: &str, input: &Value) -> Result<Option<Value>, RegoError> {
-        let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
-        eval_in(&mut engine, query, input)
+        let mut inner = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        eval_in(&mut inner.engine, query, input)
     }
 
     pub fn query(&self) -> &str {
@@ -124,73 +131,6 @@ fn to_json(query: &str, value: &regorus::Value) -> Result<Value, RegoError> {
         .map_err(|e| RegoError(format!("`{query}` gave a value that is not JSON: {e}")))
 }
 
-/// SPEC's decision query as regorus' input value, built field by field:
-/// the same document as `Value::from(query.to_input())` (a test checks),
-/// without the JSON document in between.
-pub fn input_value(q: &Query) -> regorus::Value {
-    use regorus::Value as V;
-    let obj = |fields: Vec<(&str, V)>| -> V {
-        V::from(
-            fields
-                .into_iter()
-                .map(|(k, v)| (V::from(k), v))
-                .collect::<BTreeMap<V, V>>(),
-        )
-    };
-    let s = &q.subject;
-    let labels: BTreeMap<V, V> = s
-        .labels
-        .iter()
-        .map(|(k, v)| (V::from(k.as_str()), V::from(v.as_str())))
-        .collect();
-    let subject = obj(vec![
-        ("sandbox", V::from(s.sandbox.as_str())),
-        ("pid", V::from(s.pid)),
-        ("uid", V::from(s.uid)),
-        ("comm", V::from(s.comm.as_str())),
-        ("exe", s.exe.as_deref().map_or(V::Null, V::from)),
-        ("labels", V::from(labels)),
-    ]);
-    let resource = match &q.resource {
-        Resource::Net {
-            daddr,
-            dport,
-            protocol,
-            domain,
-        } => {
-            let mut f = vec![
-                ("daddr", V::from(daddr.as_str())),
-                ("dport", V::from(u32::from(*dport))),
-                ("protocol", V::from(protocol.as_str())),
-            ];
-            if let Some(d) = domain {
-                f.push(("domain", V::from(d.as_str())));
-            }
-            obj(f)
-        }
-        Resource::File { path, access } => obj(vec![
-            ("path", V::from(path.as_str())),
-            (
-                "access",
-                V::from(access.iter().map(|a| V::from(a.as_str())).collect::<Vec<_>>()),
-            ),
-        ]),
-        Resource::Exec { path } => obj(vec![("path", V::from(path.as_str()))]),
-    };
-    let c = &q.context;
-    let context = obj(vec![
-        ("time", V::from(c.time.as_str())),
-        ("host", V::from(c.host.as_str())),
-        ("policy_revision", V::from(c.policy_revision.as_str())),
-    ]);
-    obj(vec![
-        ("subject", subject),
-        ("action", V::from(q.action.as_str())),
-        ("resource", resource),
-        ("context", context),
-    ])
-}
-
 /// The answer in `value` (a boolean needs no JSON).
 fn answer_of(query: &str, value: &regorus::Value) -> Result<super::Answer, RegoError> {
     Ok(match value {
@@ -218,11 +158,10 @@ impl Pdp for Rego {
     }
 
     fn decide_now(&self, query: &Query) -> Option<Result<PdpDecision, PdpError>> {
-        let input = input_value(query);
-        let value = {
-            let mut engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
-            eval_value(&mut engine, &self.query, input)
-        };
+        let mut inner = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        let input = inner.input.input(query);
+        let value = eval_value(&mut inner.engine, &self.query, input);
+        drop(inner);
         Some(
             value
                 .and_then(|v| answer_of(&self.query, &v))
@@ -240,6 +179,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::pdp::{input::input_value, query::Resource};
 
     fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
         let p = dir.join(name);
@@ -325,12 +265,17 @@ mod tests {
                 },
             ),
         ];
-        for query in &queries {
-            assert_eq!(
-                input_value(query),
-                regorus::Value::from(query.to_input()),
-                "{query:?}"
-            );
+        // Fresh, and from one `Interned` reused across queries, as the ask
+        // thread does; then with the recurring strings changed (a reload).
+        let mut interned = crate::pdp::input::Interned::default();
+        let mut reloaded = queries[0].clone();
+        reloaded.subject.sandbox = "other".into();
+        reloaded.context.host = "h2".into();
+        reloaded.context.policy_revision = "sha256:y".into();
+        for query in queries.iter().chain([&reloaded, &queries[1]]) {
+            let json = regorus::Value::from(query.to_input());
+            assert_eq!(input_value(query), json, "{query:?}");
+            assert_eq!(interned.input(query), json, "{query:?}");
         }
         // And decides alike: inline and through the JSON document.
         let dir = tempfile::tempdir().expect("tempdir");

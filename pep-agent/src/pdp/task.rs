@@ -49,9 +49,10 @@ use tokio::sync::mpsc;
 use super::{
     Pdp, PdpDecision, PdpError,
     cache::{boot_ns, key_addr},
+    exe::ExeCache,
     kernel::AskMaps,
     miss::{Miss, decode_exec},
-    origins::OriginKey,
+    origins::{Origin, OriginKey},
     query::{Context, Query, Resource, Subject},
     sockdiag,
 };
@@ -233,6 +234,7 @@ fn read_asks(
     warm_up(&shared.settings());
     let fd = asks.as_raw_fd();
     let mut last_sweep = Instant::now();
+    let mut exes = ExeCache::default();
     while !stop.load(Ordering::SeqCst) {
         let mut pfd = libc::pollfd {
             fd,
@@ -252,7 +254,7 @@ fn read_asks(
             };
             let received_ns = boot_ns();
             let Some(miss) = miss else { continue };
-            let Some(ask) = Ask::new(shared.settings(), miss, received_ns) else {
+            let Some(ask) = Ask::new(shared.settings(), miss, received_ns, &mut exes) else {
                 continue;
             };
             let query_ns = boot_ns();
@@ -389,11 +391,10 @@ struct Ask {
 }
 
 impl Ask {
-    /// The query for a miss. The process is blocked in its connect or send
-    /// (or, for a miss that failed at once, has just returned from it), so
-    /// its `/proc` entry is there to name the executable.
-    fn new(s: Arc<AskSettings>, miss: Miss, received_ns: u64) -> Option<Self> {
-        let (key, disposition, ts_boot_ns, header, target, action, resource) = match miss {
+    /// The query for a miss. The executable is named from `exes` by the
+    /// image the kernel saw (`ExeCache`): `/proc` is read once per image.
+    fn new(s: Arc<AskSettings>, miss: Miss, received_ns: u64, exes: &mut ExeCache) -> Option<Self> {
+        let (key, disposition, ts_boot_ns, header, target, action, resource, image) = match miss {
             Miss::Net(ev) => {
                 let Some(daddr) = key_addr(&ev.key) else {
                     tracing::error!("ask event with family {}", ev.key.family);
@@ -412,30 +413,41 @@ impl Ask {
                     "net.send"
                 };
                 let resource = Resource::net(daddr, ev.key.dport as u16, ev.key.protocol as u8);
-                let (key, disposition, ts) = (ev.key, ev.disposition, ev.header.ts_boot_ns);
+                let (key, disposition, ts, image) = (ev.key, ev.disposition, ev.header.ts_boot_ns, ev.exe);
                 let target = Target::Net { ev, daddr };
-                (key, disposition, ts, header, target, action, resource)
+                (key, disposition, ts, header, target, action, resource, image)
             }
             Miss::Exec(ev) => {
                 let (header, path, argv) = decode_exec(&ev.exec)?;
                 let resource = Resource::Exec { path: path.clone() };
                 let target = Target::Exec { path, argv };
                 let ts = ev.exec.header.ts_boot_ns;
-                (ev.key, ev.disposition, ts, header, target, "exec", resource)
+                (
+                    ev.key,
+                    ev.disposition,
+                    ts,
+                    header,
+                    target,
+                    "exec",
+                    resource,
+                    ev.exe,
+                )
             }
         };
+        let exe = exes.name(header.pid, header.start_ns, &image);
+        let context = Context::now(&s.policy_revision);
         let query = Query {
             subject: Subject {
                 sandbox: s.sandbox_name.clone(),
                 pid: header.pid,
                 uid: header.uid,
                 comm: header.comm.clone(),
-                exe: crate::audit::record::read_exe(header.pid),
+                exe,
                 labels: Default::default(),
             },
             action: action.into(),
             resource,
-            context: Context::now(&s.policy_revision),
+            context,
         };
         Some(Self {
             settings: s,
@@ -475,38 +487,31 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
     } = ask;
     let latency_us = took.as_micros() as u64;
     let engine = s.pdp.engine();
-    let out = match result {
-        Ok(d) => {
-            let a = &d.answer;
-            let mut pdp = json!({
-                "engine": engine,
-                "decision_id": d.decision_id,
-                "latency_us": latency_us,
-            });
-            if let Some(r) = &a.reason {
-                pdp["reason"] = json!(r);
-            }
-            if let Some(t) = a.ttl_s {
-                pdp["ttl_s"] = json!(t);
-            }
-            if let Some(e) = &a.error {
-                pdp["error"] = json!(e);
-            }
+    // What happens first; the record's `pdp` object is built once the
+    // verdict is in place.
+    let (out, answered) = match result {
+        Ok(d) => (
             Outcome {
-                allow: a.allow,
+                allow: d.answer.allow,
                 source: Source::Pdp,
-                pdp,
-                cache_ttl_s: Some(a.ttl_s.unwrap_or(s.cache_ttl_s)),
-            }
-        }
-        Err(e) => unavailable(shared, &s, &key, engine, latency_us, &e),
+                pdp: Value::Null,
+                cache_ttl_s: Some(d.answer.ttl_s.unwrap_or(s.cache_ttl_s)),
+            },
+            Some(d),
+        ),
+        Err(e) => (unavailable(shared, &s, &key, engine, latency_us, &e), None),
     };
     let cache_ttl = out.cache_ttl_s.filter(|t| *t > 0);
     if cache_ttl.is_some() {
         // Known before the verdict can be hit, so a hit's record can name it.
-        let mut origin = json!({"engine": engine, "latency_us": latency_us});
-        origin["decision_id"] = out.pdp["decision_id"].clone();
-        shared.origins.insert(origin_key, origin);
+        shared.origins.insert(
+            origin_key,
+            Origin {
+                engine,
+                decision_id: answered.as_ref().and_then(|d| d.decision_id.clone()),
+                latency_us,
+            },
+        );
     }
     // The verdict goes into the cache before the connect is released, so
     // the retransmitted SYN, and every later connect, sees it.
@@ -542,7 +547,10 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
         ASK_ALLOWED_NOW => (out.allow && is_tcp_connect, "allowed (audit mode) while asking"),
         _ => (false, "unknown"),
     };
-    let mut pdp = out.pdp;
+    let mut pdp = match &answered {
+        Some(d) => answered_pdp(engine, d, latency_us),
+        None => out.pdp,
+    };
     pdp["answer"] = json!(if out.allow { "allow" } else { "deny" });
     pdp["attempt"] = json!(attempt);
     let mut header = header;
@@ -568,6 +576,26 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
         },
     };
     let _ = shared.records.send(AskRecord { decision, pdp });
+}
+
+/// The record's `pdp` object for an answer.
+fn answered_pdp(engine: &str, d: &PdpDecision, latency_us: u64) -> Value {
+    let a = &d.answer;
+    let mut pdp = json!({
+        "engine": engine,
+        "decision_id": d.decision_id,
+        "latency_us": latency_us,
+    });
+    if let Some(r) = &a.reason {
+        pdp["reason"] = json!(r);
+    }
+    if let Some(t) = a.ttl_s {
+        pdp["ttl_s"] = json!(t);
+    }
+    if let Some(e) = &a.error {
+        pdp["error"] = json!(e);
+    }
+    pdp
 }
 
 /// `on_unavailable`.
