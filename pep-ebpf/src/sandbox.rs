@@ -5,7 +5,8 @@
 //! is one of its cgroup ancestors, so a child cgroup made inside a sandbox stays
 //! in it. `SANDBOX_LEVELS` holds a bit per cgroup level at which some sandbox
 //! root sits; a task outside every sandbox therefore costs one array read plus
-//! one hash lookup per level in use (one, in practice).
+//! one hash lookup per level in use (one, in practice); levels deeper than
+//! the deepest one in use are never visited.
 
 use aya_ebpf::{
     helpers::generated::bpf_get_current_ancestor_cgroup_id,
@@ -34,8 +35,10 @@ pub fn current() -> Option<Sandbox> {
         return None;
     }
     let mut level = 0u32;
-    // Bounded: MAX_CGROUP_LEVEL iterations at most.
-    while level < MAX_CGROUP_LEVEL {
+    // Bounded: MAX_CGROUP_LEVEL iterations at most, and none past the
+    // deepest level in use (a task outside every sandbox, which every hook
+    // sees first, stops there).
+    while level < MAX_CGROUP_LEVEL && levels >> level != 0 {
         if levels & (1u64 << level) != 0 {
             // SAFETY: plain helper call.
             let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
