@@ -73,7 +73,7 @@ pub fn fill_header(
 ///
 /// Submitted with the kernel's default wakeup: the consumer is woken for
 /// the first record after it has caught up, and it waits a moment after each
-/// drain (`audit::pipeline::COALESCE`) so that a stream of records costs a
+/// drain (`audit::pump::COALESCE`) so that a stream of records costs a
 /// wakeup per window, not per record. (Allows were once submitted with
 /// `BPF_RB_NO_WAKEUP`, left to the consumer's 10 ms timer; that measured
 /// slower in the Debian 6.1 guest, so every event wakes as the kernel

@@ -10,6 +10,7 @@ pub mod line;
 mod line_tests;
 pub mod ocsf;
 pub mod pipeline;
+pub mod pump;
 pub mod record;
 pub mod sink;
 pub mod tail;

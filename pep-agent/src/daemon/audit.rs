@@ -24,6 +24,7 @@ use super::{metrics::Metrics, state};
 use crate::audit::{
     decode::{Decision, Verdict},
     pipeline::{self, KernelCounters, Pipeline},
+    pump,
     record::{Record, SandboxContext},
 };
 
@@ -75,7 +76,7 @@ impl AuditTask {
                         if !more {
                             guard.clear_ready();
                             if !stopping {
-                                tokio::time::sleep(pipeline::COALESCE).await;
+                                tokio::time::sleep(pump::COALESCE).await;
                             }
                         }
                     }

@@ -19,7 +19,8 @@ use tokio::signal::unix::SignalKind;
 use super::child::ChildSetup;
 use crate::{
     audit::{
-        pipeline::{self, AuditOptions, KernelCounters, Pipeline},
+        pipeline::{AuditOptions, KernelCounters, Pipeline},
+        pump,
         record::SandboxContext,
         sink::Sink,
     },
@@ -247,12 +248,7 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         (Some(prepared), Some(cfg)) => Some(crate::dns::start(prepared, &mut enforcer, cfg, &mut pipeline)?),
         _ => None,
     };
-    let pump = tokio::spawn(pipeline::pump(
-        events,
-        Some(counters.clone()),
-        pipeline,
-        stop.clone(),
-    ));
+    let pump = tokio::spawn(pump::pump(events, Some(counters.clone()), pipeline, stop.clone()));
     let pump = Pump { task: pump, counters };
 
     let setup = ChildSetup::new(cg.path(), user.as_ref()).map_err(|e| RunError::Other(e.into()))?;
