@@ -21,6 +21,7 @@
 //! the file.
 
 use std::cmp::Reverse;
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -50,7 +51,7 @@ pub struct CompiledNet {
 /// One rule's CIDR in the family the kernel looks it up in. Addresses are
 /// kept as the high bits of a `u128` whose low `128 - width` bits are zero,
 /// so both families share the prefix arithmetic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Prefix {
     v6: bool,
     len: u8,
@@ -130,9 +131,10 @@ pub fn compile_network(net: &NetworkSection, sandbox_id: u32) -> Result<Compiled
             NetDefault::Deny | NetDefault::Ask => VERDICT_DENY,
         },
     };
+    let groups = Groups::new(&entries);
     let sandbox = sandbox_id.to_be_bytes();
     for prefix in prefixes {
-        let set = rule_set(prefix, &entries)?;
+        let set = rule_set(prefix, &groups)?;
         let prefix_len = SANDBOX_PREFIX_BITS + u32::from(prefix.len);
         if prefix.v6 {
             let addr = prefix.bits.to_be_bytes();
@@ -202,11 +204,56 @@ fn entries(rules: &[NetRule]) -> Result<Vec<Entry>, CompileError> {
     Ok(out)
 }
 
+/// The entries grouped by their own prefix, so that the entries holding a
+/// prefix are found with one lookup per prefix length in use (at most 33
+/// for IPv4, 129 for IPv6) rather than a scan of every entry: compiling
+/// stays linear in the rules for each length, not quadratic.
+struct Groups {
+    /// Each group in precedence order (`entries` is sorted).
+    by_prefix: HashMap<Prefix, Vec<Entry>>,
+    /// The prefix lengths in use, per family (`[v4, v6]`), longest first.
+    lens: [Vec<u8>; 2],
+}
+
+impl Groups {
+    fn new(entries: &[Entry]) -> Self {
+        let mut by_prefix: HashMap<Prefix, Vec<Entry>> = HashMap::new();
+        let mut lens: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+        for e in entries {
+            by_prefix.entry(e.prefix).or_default().push(*e);
+            lens[usize::from(e.prefix.v6)].push(e.prefix.len);
+        }
+        for l in &mut lens {
+            l.sort_unstable_by_key(|len| Reverse(*len));
+            l.dedup();
+        }
+        Self { by_prefix, lens }
+    }
+
+    /// The entries of every prefix holding `prefix`, in precedence order:
+    /// longest holder first (two holders of one length would be the same
+    /// prefix), each group in its own order.
+    fn holding(&self, prefix: Prefix) -> impl Iterator<Item = &Entry> {
+        self.lens[usize::from(prefix.v6)]
+            .iter()
+            .filter(move |len| **len <= prefix.len)
+            .filter_map(move |len| {
+                self.by_prefix.get(&Prefix {
+                    v6: prefix.v6,
+                    len: *len,
+                    bits: mask(prefix.bits, *len),
+                })
+            })
+            .flatten()
+    }
+}
+
 /// The value stored under `prefix`: the entries of every rule whose CIDR
 /// holds it, in precedence order, without those no lookup can reach.
-fn rule_set(prefix: Prefix, entries: &[Entry]) -> Result<NetRuleSet, CompileError> {
+fn rule_set(prefix: Prefix, groups: &Groups) -> Result<NetRuleSet, CompileError> {
     let mut kept: Vec<KernelRule> = Vec::new();
-    for entry in entries.iter().filter(|e| e.prefix.holds(&prefix)) {
+    for entry in groups.holding(prefix) {
+        debug_assert!(entry.prefix.holds(&prefix));
         if !shadowed(&entry.rule, &kept) {
             kept.push(entry.rule);
         }
