@@ -54,6 +54,9 @@ fn sigkill_keeps_file_and_network_rules_enforced() {
 
     let status = d.request(r#"{"op":"status"}"#);
     assert_eq!(status["data"]["origin"], "adopted", "{status}");
+    // The killed daemon's pid is protected no longer (the kernel may give
+    // it to any process); the new one is.
+    assert_eq!(protected_pids(&d), vec![d.pid()], "PROTECTED after a restart");
     assert_eq!(status["data"]["lsm"], true, "{status}");
     let list = d.request(r#"{"op":"list"}"#);
     assert_eq!(list["data"][0]["name"], "vm", "{list}");
@@ -70,4 +73,15 @@ fn sigkill_keeps_file_and_network_rules_enforced() {
             .any(|r| r["action"] == "file.open" && r["verdict"] == "deny" && r["sandbox"] == "vm"),
         "no file deny recorded"
     );
+}
+
+/// The tgids in the daemon's pinned `PROTECTED` map.
+fn protected_pids(d: &TestDaemon) -> Vec<u32> {
+    let path = d.pin_dir.join("maps/PROTECTED");
+    let data = aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let map = aya::maps::HashMap::<_, u32, u32>::try_from(aya::maps::Map::HashMap(data))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut pids: Vec<u32> = map.keys().map(|k| k.expect("key")).collect();
+    pids.sort_unstable();
+    pids
 }

@@ -128,7 +128,7 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let (mut enforcer, origin) = load_enforcer(&cfg)?;
     tracing::info!("programs {origin:?} at {}", cfg.pin_dir.display());
     if enforcer.lsm_enforced()
-        && let Err(e) = enforcer.protect_pid(std::process::id())
+        && let Err(e) = enforcer.protect_only(std::process::id())
     {
         tracing::warn!("self-protection of the daemon: {e}");
     }

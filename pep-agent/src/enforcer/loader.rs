@@ -191,6 +191,34 @@ impl Enforcer {
         })
     }
 
+    /// Makes `tgid` the only process in `PROTECTED`: for the host daemon,
+    /// whose pinned map outlives it. A dead daemon's pid stays protected
+    /// otherwise, whichever process the kernel gives it next, and the map
+    /// (64 entries) would refuse a new daemon after enough restarts. (One
+    /// daemon runs at a time; each `run` has maps of its own.)
+    pub fn protect_only(&mut self, tgid: u32) -> Result<(), EnforcerError> {
+        let map = self
+            .ebpf
+            .map_mut("PROTECTED")
+            .ok_or(EnforcerError::NoMap("PROTECTED"))?;
+        let mut m: aya::maps::HashMap<&mut MapData, u32, u32> =
+            aya::maps::HashMap::try_from(map).map_err(|source| EnforcerError::Map {
+                name: "PROTECTED",
+                source,
+            })?;
+        let stale: Vec<u32> = m.keys().filter_map(Result::ok).filter(|k| *k != tgid).collect();
+        for k in stale {
+            m.remove(&k).map_err(|source| EnforcerError::Map {
+                name: "PROTECTED",
+                source,
+            })?;
+        }
+        m.insert(tgid, 1, 0).map_err(|source| EnforcerError::Map {
+            name: "PROTECTED",
+            source,
+        })
+    }
+
     /// An enforcer around an object loaded by `pinned` (the host daemon).
     pub(super) fn from_parts(ebpf: Ebpf, lsm: bool) -> Self {
         Self { ebpf, lsm }
