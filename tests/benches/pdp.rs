@@ -556,8 +556,13 @@ impl MissLine {
             line.split([' ', ';'])
                 .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
         };
+        // What keeping the engine warm between misses cost (its own line).
+        let warm = stderr
+            .lines()
+            .find_map(|l| l.split("pdp: keep-warm ").nth(1))
+            .map_or(String::new(), |w| format!("; keep-warm {w}"));
         Self {
-            text: line.to_owned(),
+            text: format!("{line}{warm}"),
             p50: field("p50_us"),
             p99: field("p99_us"),
         }

@@ -166,4 +166,10 @@ pub fn report(task: &AskTask) {
         stage("engine", &|t| t.engine),
         stage("to-map", &|t| t.to_map),
     );
+    let (warmed, cpu_ns) = task.keep_warm_cost();
+    tracing::info!(
+        "pdp: keep-warm decisions={warmed} cpu_us={} ({:.1} us per miss)",
+        cpu_ns / 1000,
+        cpu_ns as f64 / 1000.0 / all.len() as f64
+    );
 }

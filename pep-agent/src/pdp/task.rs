@@ -32,7 +32,7 @@ use std::{
     os::fd::AsRawFd as _,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -100,6 +100,10 @@ struct Shared {
     origins: CacheOrigins,
     records: mpsc::UnboundedSender<AskRecord>,
     timings: Mutex<Vec<AskTiming>>,
+    /// Keep-warm decisions made (`keep_warm`), and the thread CPU time they
+    /// took, in ns.
+    warmed: AtomicU64,
+    warm_cpu_ns: AtomicU64,
 }
 
 /// Where the time of one ask went, in ns, each stage from the end of the
@@ -173,6 +177,14 @@ impl AskTask {
             .revision
     }
 
+    /// Keep-warm decisions made so far, and the CPU time they took (ns).
+    pub fn keep_warm_cost(&self) -> (u64, u64) {
+        (
+            self.shared.warmed.load(Ordering::Relaxed),
+            self.shared.warm_cpu_ns.load(Ordering::Relaxed),
+        )
+    }
+
     /// The timings of the asks answered so far.
     pub fn timings(&self) -> Vec<AskTiming> {
         self.shared
@@ -202,6 +214,8 @@ pub fn spawn(
         origins: origins.clone(),
         records,
         timings: Mutex::new(Vec::new()),
+        warmed: AtomicU64::new(0),
+        warm_cpu_ns: AtomicU64::new(0),
     });
     let rt = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
     let s = shared.clone();
@@ -224,6 +238,17 @@ impl Shared {
 /// How long a wait for misses lasts before `stop` is looked at again.
 const POLL_MS: i32 = 50;
 
+/// Keep-warm: while misses keep coming (the last one less than `WARM_FOR`
+/// ago), a wait that ends without one makes a throwaway decision
+/// (`keep_warm`) every `WARM_EVERY_MS`. A decision right after the thread
+/// has slept runs on cold caches (here, after a vCPU halt, several times
+/// its warm time); one made a millisecond earlier keeps what the next one
+/// touches cached. Bounded: at most `WARM_FOR / WARM_EVERY_MS` decisions
+/// after each miss, none once the sandbox stops missing, so an idle
+/// sandbox costs nothing; embedded engines only.
+const WARM_EVERY_MS: i32 = 1;
+const WARM_FOR: Duration = Duration::from_millis(100);
+
 fn read_asks(
     shared: &Arc<Shared>,
     mut asks: RingBuf<MapData>,
@@ -235,14 +260,22 @@ fn read_asks(
     let fd = asks.as_raw_fd();
     let mut last_sweep = Instant::now();
     let mut exes = ExeCache::default();
+    // When the last miss was decided by an embedded engine.
+    let mut last_embedded: Option<Instant> = None;
     while !stop.load(Ordering::SeqCst) {
+        let warming = last_embedded.is_some_and(|t| t.elapsed() < WARM_FOR);
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
         };
+        let timeout = if warming { WARM_EVERY_MS } else { POLL_MS };
+        let cpu = thread_cpu_ns();
         // SAFETY: one valid pollfd; the ring buffer keeps its fd open.
-        let rc = unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout) };
+        if rc == 0 && warming {
+            keep_warm(shared, cpu);
+        }
         if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             tracing::error!("poll on the ask ring: {}", std::io::Error::last_os_error());
             std::thread::sleep(Duration::from_millis(POLL_MS as u64));
@@ -260,7 +293,10 @@ fn read_asks(
             let query_ns = boot_ns();
             let started = Instant::now();
             match ask.settings.pdp.decide_now(&ask.query) {
-                Some(result) => finish(shared, ask, result, started.elapsed(), query_ns),
+                Some(result) => {
+                    finish(shared, ask, result, started.elapsed(), query_ns);
+                    last_embedded = Some(Instant::now());
+                }
                 None => {
                     // A remote answer takes a round trip: ask concurrently.
                     let shared = shared.clone();
@@ -336,6 +372,33 @@ fn warm_up(s: &AskSettings) {
         context: Context::now(&s.policy_revision),
     };
     let _ = s.pdp.decide_now(&q);
+}
+
+/// One throwaway decision (`warm_up`) and a verdict-cache lookup, the
+/// paths a miss takes. Its cost is the thread's CPU time since `cpu_before`
+/// (taken before the wait, so the timed-out wait's wakeup counts too).
+fn keep_warm(shared: &Shared, cpu_before: u64) {
+    warm_up(&shared.settings());
+    let _ = shared
+        .maps
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&VerdictKey::default());
+    shared.warmed.fetch_add(1, Ordering::Relaxed);
+    shared
+        .warm_cpu_ns
+        .fetch_add(thread_cpu_ns().saturating_sub(cpu_before), Ordering::Relaxed);
+}
+
+/// This thread's CPU time, in ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Removes `PENDING` entries of connects that never reached the SYN (the
