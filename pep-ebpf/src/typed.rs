@@ -14,8 +14,9 @@
 //! Only pointers that came from a typed pointer by these loads may be used
 //! here: a pointer read with `bpf_probe_read_kernel` (or held in a map) is
 //! a plain number to the verifier, which then refuses the program at load.
-//! A wrong offset or a field of another type fails the load, never reads
-//! garbage.
+//! The offsets come from the BTF the verifier checks against, and a
+//! pointer field must be read whole at its own offset to stay typed, so a
+//! wrong pointer offset fails the load rather than reading garbage.
 
 use aya_ebpf::helpers::generated::bpf_get_current_task_btf;
 
