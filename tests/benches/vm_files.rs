@@ -17,7 +17,10 @@
 //! operations in a worker process (so process start is never timed);
 //! p50/p99 are over batches. QEMU TCG emulates the CPU: absolute times are
 //! inflated (about 10x), and ratios are distorted too, because emulated
-//! helper calls and map lookups do not cost what they do on hardware.
+//! helper calls and map lookups do not cost what they do on hardware. The
+//! guest keeps the TSC as its clock (`tsc=reliable`, set by the harness):
+//! on the emulated HPET it falls back to otherwise, every clock read (one
+//! per record, two per program run with `bpf_stats`) costs microseconds.
 //!
 //! `cargo xtask bench` (name `vm_*`: run in the VM), or in the guest:
 //! `vm_files-HASH [--quick]`.
