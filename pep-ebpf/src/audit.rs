@@ -65,7 +65,7 @@ pub fn fill_header(
     h._pad = 0;
     h.comm = bpf_get_current_comm().unwrap_or_default();
     // ppid, the process key and the ancestry chain.
-    kernel::fill_lineage(h);
+    kernel::fill_lineage(h, pid_tgid);
 }
 
 /// Reserves room for one event of type `T`, counting the decision and, when

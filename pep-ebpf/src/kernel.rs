@@ -4,7 +4,7 @@
 //! real layout, so a wrong offset fails the load instead of reading garbage.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
@@ -80,12 +80,12 @@ static LINEAGE: LruHashMap<u64, Lineage> = LruHashMap::with_max_entries(16384, 0
 static LINEAGE_SCRATCH: PerCpuArray<Lineage> = PerCpuArray::with_max_entries(1, 0);
 
 /// Fills the process key (`start_ns`), `ppid` and the bounded ancestry chain
-/// of an event header from the current task. Fields it cannot read stay 0.
+/// of an event header from the current task (`pid_tgid`: its
+/// `bpf_get_current_pid_tgid()`). Fields it cannot read stay 0.
 #[inline(always)]
-pub fn fill_lineage(h: &mut EventHeader) {
+pub fn fill_lineage(h: &mut EventHeader, pid_tgid: u64) {
     // SAFETY: plain helper call.
     let task = unsafe { bpf_get_current_task() };
-    let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: plain data written whole by this program.
     if let Some(l) = unsafe { LINEAGE.get(task) }
         && l.pid_tgid == pid_tgid
