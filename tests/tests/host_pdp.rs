@@ -646,3 +646,46 @@ fn subject_exe_follows_an_exec_under_the_same_pid() {
     );
     assert_eq!(lines[0].1, lines[1].1, "one pid for both connects: {stdout}");
 }
+
+/// The keep-warm after a miss (`pdp/warm.rs`) is bounded: some warm-ups
+/// while misses were recent, at most one per ms for 100 ms after the last
+/// one, and none at all in a run without misses.
+#[test]
+fn keep_warm_is_bounded_and_idle_without_misses() {
+    let s = Scratch::new("pdp-warm");
+    let port = tcp_server("127.0.0.1:0").port();
+    let rego = s.write(
+        "allow.rego",
+        "package pep\ndefault decision := {\"allow\": true, \"ttl_s\": 60}\n",
+    );
+    let policy = s.write(
+        "policy.yaml",
+        &format!(
+            "apiVersion: pep/v1\nname: pdpwarm\nnetwork:\n  default: ask\n\
+             pdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n",
+            rego.display()
+        ),
+    );
+    let warmed = |script: &str| -> u64 {
+        let audit = s.dir.join("audit.jsonl");
+        let audit_arg = audit.display().to_string();
+        let out = std::process::Command::new(pep_agent_bin())
+            .env("PEP_LOG", "warn,pep_agent::pdp=info")
+            .args(["run", "--policy"])
+            .arg(&policy)
+            .args(["--audit", &audit_arg, "--", "bash", "-c", script])
+            .output()
+            .expect("spawn pep-agent");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{script}: {err}");
+        err.lines()
+            .find_map(|l| l.split("pdp: keep-warm decisions=").nth(1))
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no keep-warm line in: {err}"))
+    };
+    // One miss, then 400 ms without any: the warm-ups stop 100 ms after it.
+    let n = warmed(&format!("exec 3<>/dev/tcp/127.0.0.1/{port} && sleep 0.4"));
+    assert!((1..=101).contains(&n), "{n} keep-warm decisions after one miss");
+    assert_eq!(warmed("sleep 0.3"), 0, "keep-warm decisions without a miss");
+}

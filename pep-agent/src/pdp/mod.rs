@@ -15,7 +15,8 @@
 //! - `cache`, `kernel`, `sockdiag`, `miss`, `task`, `origins`: the kernel
 //!   side of asking (the verdict cache and held connects in BPF maps,
 //!   SOCK_DESTROY, the misses as decoded, the task that answers them during
-//!   `pep-agent run`, and what each cached verdict came from).
+//!   `pep-agent run`, and what each cached verdict came from); `warm`:
+//!   keeping the embedded engine warm while a sandbox is missing.
 
 pub mod answer;
 pub mod builtin;
@@ -36,6 +37,7 @@ pub mod serve;
 pub mod sockdiag;
 pub mod standalone;
 pub mod task;
+pub mod warm;
 
 use std::{future::Future, pin::Pin, time::Duration};
 

@@ -145,6 +145,7 @@ pub fn reload(task: &AskTask, policy: &Policy, sandbox_id: u32, sandbox_name: &s
 pub fn report(task: &AskTask) {
     let all = task.timings();
     if all.is_empty() {
+        report_keep_warm(task, 0);
         return;
     }
     let stats = |f: &dyn Fn(&task::AskTiming) -> u64| {
@@ -166,10 +167,16 @@ pub fn report(task: &AskTask) {
         stage("engine", &|t| t.engine),
         stage("to-map", &|t| t.to_map),
     );
+    report_keep_warm(task, all.len());
+}
+
+/// Logs (info) the keep-warm's decisions and CPU time (`warm.rs`), also for
+/// a run without misses (then none).
+fn report_keep_warm(task: &AskTask, misses: usize) {
     let (warmed, cpu_ns) = task.keep_warm_cost();
     tracing::info!(
         "pdp: keep-warm decisions={warmed} cpu_us={} ({:.1} us per miss)",
         cpu_ns / 1000,
-        cpu_ns as f64 / 1000.0 / all.len() as f64
+        cpu_ns as f64 / 1000.0 / misses.max(1) as f64
     );
 }

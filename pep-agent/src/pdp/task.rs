@@ -55,6 +55,7 @@ use super::{
     origins::{Origin, OriginKey},
     query::{Context, Query, Resource, Subject},
     sockdiag,
+    warm::{WARM_EVERY_MS, WARM_FOR, thread_cpu_ns},
 };
 use crate::{
     audit::decode::{Decision, ExecOp, Header, NetOp, Source, Verdict},
@@ -238,17 +239,6 @@ impl Shared {
 /// How long a wait for misses lasts before `stop` is looked at again.
 const POLL_MS: i32 = 50;
 
-/// Keep-warm: while misses keep coming (the last one less than `WARM_FOR`
-/// ago), a wait that ends without one makes a throwaway decision
-/// (`keep_warm`) every `WARM_EVERY_MS`. A decision right after the thread
-/// has slept runs on cold caches (here, after a vCPU halt, several times
-/// its warm time); one made a millisecond earlier keeps what the next one
-/// touches cached. Bounded: at most `WARM_FOR / WARM_EVERY_MS` decisions
-/// after each miss, none once the sandbox stops missing, so an idle
-/// sandbox costs nothing; embedded engines only.
-const WARM_EVERY_MS: i32 = 1;
-const WARM_FOR: Duration = Duration::from_millis(100);
-
 fn read_asks(
     shared: &Arc<Shared>,
     mut asks: RingBuf<MapData>,
@@ -388,17 +378,6 @@ fn keep_warm(shared: &Shared, cpu_before: u64) {
     shared
         .warm_cpu_ns
         .fetch_add(thread_cpu_ns().saturating_sub(cpu_before), Ordering::Relaxed);
-}
-
-/// This thread's CPU time, in ns.
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and a valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Removes `PENDING` entries of connects that never reached the SYN (the
