@@ -40,7 +40,7 @@ fn worker(cpu: Option<usize>) {
     if let Some(c) = cpu {
         pin(c).expect("pin the worker");
     }
-    // "N ADDR" -> N connect latencies in ns.
+    // "N ADDR [GAP_MS]" -> N connect latencies in ns, GAP_MS apart.
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     for line in stdin.lock().lines() {
@@ -50,10 +50,12 @@ fn worker(cpu: Option<usize>) {
             break;
         };
         let n: usize = n.parse().expect("n");
+        let gap = Duration::from_millis(it.next().map_or(0, |g| g.parse().expect("gap")));
         let addrs: Vec<SocketAddr> = addr.split(',').map(|a| a.parse().expect("addr")).collect();
         let mut lat = Vec::with_capacity(n);
         for i in 0..n {
             let a = addrs[i % addrs.len()];
+            std::thread::sleep(gap);
             let t = Instant::now();
             let s = TcpStream::connect(a);
             lat.push(t.elapsed().as_nanos() as u64);
@@ -297,6 +299,28 @@ fn main() {
             miss_rows.push((*label, *p, tuned, m));
         }
     }
+    // Lone misses: far enough apart that the keep-warm after each (100 ms,
+    // `pdp/warm.rs`) has stopped, so every decision starts cold, as the
+    // first miss after a quiet spell does. Same placement as the goal row.
+    let n_lone = if quick { 100 } else { 300 };
+    let mut agent = Agent::start(&policy, plans[0].1);
+    let lone_addrs: Vec<String> = (0..n_lone)
+        .map(|i| format!("127.2.{}.{}:{miss_port}", 1 + i / 250, 1 + i % 250))
+        .collect();
+    let lone_failed = agent
+        .ask_spaced(n_lone, &lone_addrs.join(","), LONE_GAP_MS)
+        .iter()
+        .filter(|l| **l == u64::MAX)
+        .count();
+    let mut lone = MissLine::parse(&agent.finish());
+    if lone_failed > 0 {
+        lone.text
+            .push_str(&format!(" ({lone_failed} of {n_lone} missed connects FAILED)"));
+    }
+    say(format!(
+        "kernel miss to verdict in map, lone misses {LONE_GAP_MS} ms apart (keep-warm expired), default idle: {}",
+        lone.text
+    ));
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("pdp.txt"), &report);
@@ -341,6 +365,11 @@ fn main() {
             "scenario": scenario, "p50_ns": m.p50.map(|u| u * 1000),
             "p99_ns": m.p99.map(|u| u * 1000), "note": note}));
     }
+    doc["rows"].as_array_mut().expect("rows").push(serde_json::json!({
+        "scenario": "kernel miss to verdict in map, embedded rego, lone misses",
+        "p50_ns": lone.p50.map(|u| u * 1000), "p99_ns": lone.p99.map(|u| u * 1000),
+        "note": format!("{LONE_GAP_MS} ms apart: every decision after the keep-warm stopped; default idle states; {}",
+            plans[0].1.describe())}));
     println!("PEP_BENCH_JSON {doc}");
     let out = std::env::var_os("PEP_BENCH_OUT")
         .map(std::path::PathBuf::from)
@@ -424,6 +453,9 @@ impl Placement {
     }
 }
 
+/// How far apart lone misses are: past the keep-warm's 100 ms.
+const LONE_GAP_MS: u64 = 150;
+
 /// One `pep-agent run` that only misses (`n` distinct destinations), with
 /// `/dev/cpu_dma_latency` held at 0 if `tuned`.
 fn miss_run(policy: &Path, cpus: Placement, n: usize, addrs: &str, tuned: bool) -> MissLine {
@@ -504,7 +536,12 @@ impl Agent {
     /// `n` connects, round robin over `addrs`: their latencies in ns
     /// (`u64::MAX`: failed).
     fn ask(&mut self, n: usize, addrs: &str) -> Vec<u64> {
-        writeln!(self.win, "{n} {addrs}").expect("to worker");
+        self.ask_spaced(n, addrs, 0)
+    }
+
+    /// As `ask`, with `gap_ms` before each connect.
+    fn ask_spaced(&mut self, n: usize, addrs: &str, gap_ms: u64) -> Vec<u64> {
+        writeln!(self.win, "{n} {addrs} {gap_ms}").expect("to worker");
         self.win.flush().expect("flush");
         let mut line = String::new();
         self.wout.read_line(&mut line).expect("from worker");
