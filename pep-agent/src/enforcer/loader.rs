@@ -173,22 +173,19 @@ impl Enforcer {
         }
     }
 
-    /// Adds `tgid` to the processes that sandboxed processes may neither
-    /// signal nor ptrace (`PROTECTED`, read by pep-ebpf `protect.rs`).
-    pub fn protect_pid(&mut self, tgid: u32) -> Result<(), EnforcerError> {
+    /// The `PROTECTED` map: processes that sandboxed processes may neither
+    /// signal nor ptrace (read by pep-ebpf `protect.rs`).
+    fn protected(&mut self) -> Result<aya::maps::HashMap<&mut MapData, u32, u32>, EnforcerError> {
         let map = self
             .ebpf
             .map_mut("PROTECTED")
             .ok_or(EnforcerError::NoMap("PROTECTED"))?;
-        let mut m: aya::maps::HashMap<&mut MapData, u32, u32> =
-            aya::maps::HashMap::try_from(map).map_err(|source| EnforcerError::Map {
-                name: "PROTECTED",
-                source,
-            })?;
-        m.insert(tgid, 1, 0).map_err(|source| EnforcerError::Map {
-            name: "PROTECTED",
-            source,
-        })
+        aya::maps::HashMap::try_from(map).map_err(protected_err)
+    }
+
+    /// Adds `tgid` to `PROTECTED`.
+    pub fn protect_pid(&mut self, tgid: u32) -> Result<(), EnforcerError> {
+        self.protected()?.insert(tgid, 1, 0).map_err(protected_err)
     }
 
     /// Makes `tgid` the only process in `PROTECTED`: for the host daemon,
@@ -197,26 +194,12 @@ impl Enforcer {
     /// (64 entries) would refuse a new daemon after enough restarts. (One
     /// daemon runs at a time; each `run` has maps of its own.)
     pub fn protect_only(&mut self, tgid: u32) -> Result<(), EnforcerError> {
-        let map = self
-            .ebpf
-            .map_mut("PROTECTED")
-            .ok_or(EnforcerError::NoMap("PROTECTED"))?;
-        let mut m: aya::maps::HashMap<&mut MapData, u32, u32> =
-            aya::maps::HashMap::try_from(map).map_err(|source| EnforcerError::Map {
-                name: "PROTECTED",
-                source,
-            })?;
+        let mut m = self.protected()?;
         let stale: Vec<u32> = m.keys().filter_map(Result::ok).filter(|k| *k != tgid).collect();
         for k in stale {
-            m.remove(&k).map_err(|source| EnforcerError::Map {
-                name: "PROTECTED",
-                source,
-            })?;
+            m.remove(&k).map_err(protected_err)?;
         }
-        m.insert(tgid, 1, 0).map_err(|source| EnforcerError::Map {
-            name: "PROTECTED",
-            source,
-        })
+        m.insert(tgid, 1, 0).map_err(protected_err)
     }
 
     /// An enforcer around an object loaded by `pinned` (the host daemon).
@@ -335,4 +318,11 @@ pub fn probe_lsm() -> Result<(), EnforcerError> {
             })?;
     }
     Ok(())
+}
+
+fn protected_err(source: aya::maps::MapError) -> EnforcerError {
+    EnforcerError::Map {
+        name: "PROTECTED",
+        source,
+    }
 }
