@@ -155,7 +155,15 @@ pub fn on_miss(
     audit::bump(COUNTER_CACHE_MISS);
     let audit_mode = sb.config.mode == MODE_AUDIT;
     let hold = protocol == u32::from(PROTO_TCP) && op == ACTION_NET_CONNECT && !audit_mode;
-    audit::fill_header(&mut ev.header, KIND_ASK, sb, VERDICT_DENY, SOURCE_PDP, RULE_NONE);
+    audit::fill_header(
+        &mut ev.header,
+        KIND_ASK,
+        sb,
+        VERDICT_DENY,
+        SOURCE_PDP,
+        RULE_NONE,
+        &audit::Helpers,
+    );
     kernel::current_exe(&mut ev.exe);
     ev.saddr = [0; 16];
     ev.sport = 0;
@@ -270,6 +278,7 @@ pub fn on_exec_miss(
         VERDICT_DENY,
         SOURCE_PDP,
         RULE_NONE,
+        &audit::Helpers,
     );
     ev.exec.op = EXEC_OP_EXEC;
     ev.exec.path_len = path_len;

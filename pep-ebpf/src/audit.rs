@@ -4,13 +4,13 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::bpf_ktime_get_boot_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_uid_gid, generated::bpf_ktime_get_boot_ns,
     },
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use pep_common::event::{COUNTER_DECISIONS, COUNTER_LOST, COUNTER_MAX, EventHeader};
+use pep_common::event::{COMM_LEN, COUNTER_DECISIONS, COUNTER_LOST, COUNTER_MAX, EventHeader};
 
 use crate::{kernel, sandbox::Sandbox};
 
@@ -36,7 +36,59 @@ pub fn bump(index: u32) {
     }
 }
 
-/// Fills the common header of an event.
+/// The acting task's fields that a header records, from one of two
+/// sources: the helpers (`Helpers`, every program type), or plain loads
+/// through the BTF-typed current task (`typed::Task`, LSM programs only:
+/// cgroup programs have no typed task). Under emulation each of these
+/// helper calls measured about 150 ns of `file_open`'s run time; a load is
+/// one instruction.
+pub trait Actor {
+    /// The `task_struct` address: the lineage cache's key.
+    fn task(&self) -> u64;
+    /// `tgid << 32 | pid`, as `bpf_get_current_pid_tgid()`.
+    fn pid_tgid(&self) -> u64;
+    /// `gid << 32 | uid` in the initial user namespace, as
+    /// `bpf_get_current_uid_gid()`.
+    fn uid_gid(&self) -> u64;
+    /// The id of the task's cgroup v2 cgroup.
+    fn cgroup_id(&self) -> u64;
+    fn comm(&self) -> [u8; COMM_LEN];
+}
+
+/// The helpers' view of the current task.
+pub struct Helpers;
+
+impl Actor for Helpers {
+    #[inline(always)]
+    fn task(&self) -> u64 {
+        // SAFETY: plain helper call.
+        unsafe { bpf_get_current_task() }
+    }
+
+    #[inline(always)]
+    fn pid_tgid(&self) -> u64 {
+        bpf_get_current_pid_tgid()
+    }
+
+    #[inline(always)]
+    fn uid_gid(&self) -> u64 {
+        bpf_get_current_uid_gid()
+    }
+
+    #[inline(always)]
+    fn cgroup_id(&self) -> u64 {
+        // SAFETY: plain helper call.
+        unsafe { bpf_get_current_cgroup_id() }
+    }
+
+    #[inline(always)]
+    fn comm(&self) -> [u8; COMM_LEN] {
+        bpf_get_current_comm().unwrap_or_default()
+    }
+}
+
+/// Fills the common header of an event, the acting task's fields from
+/// `actor`.
 #[inline(always)]
 pub fn fill_header(
     h: &mut EventHeader,
@@ -45,9 +97,10 @@ pub fn fill_header(
     verdict: u32,
     source: u32,
     rule_idx: u32,
+    actor: &impl Actor,
 ) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
+    let pid_tgid = actor.pid_tgid();
+    let uid_gid = actor.uid_gid();
     h.kind = kind;
     h.verdict = verdict;
     h.mode = sandbox.config.mode;
@@ -56,16 +109,15 @@ pub fn fill_header(
     h.sandbox_id = sandbox.config.sandbox_id;
     // SAFETY: plain helper call.
     h.ts_boot_ns = unsafe { bpf_ktime_get_boot_ns() };
-    // SAFETY: plain helper call.
-    h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    h.cgroup_id = actor.cgroup_id();
     h.pid = (pid_tgid >> 32) as u32;
     h.tid = pid_tgid as u32;
     h.uid = uid_gid as u32;
     h.gid = (uid_gid >> 32) as u32;
     h._pad = 0;
-    h.comm = bpf_get_current_comm().unwrap_or_default();
+    h.comm = actor.comm();
     // ppid, the process key and the ancestry chain.
-    kernel::fill_lineage(h, pid_tgid);
+    kernel::fill_lineage(h, actor.task(), pid_tgid);
 }
 
 /// Reserves room for one event of type `T`, counting the decision and, when

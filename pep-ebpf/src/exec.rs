@@ -170,7 +170,15 @@ fn try_bprm_check(ctx: &LsmContext) -> i32 {
         }
     }
     audit::emit(|ev: &mut ExecEvent| {
-        audit::fill_header(&mut ev.header, KIND_EXEC, &sb, d.verdict, d.source, d.rule);
+        audit::fill_header(
+            &mut ev.header,
+            KIND_EXEC,
+            &sb,
+            d.verdict,
+            d.source,
+            d.rule,
+            &audit::Helpers,
+        );
         ev.op = EXEC_OP_EXEC;
         ev.path_len = d.path_len;
         ev.argc = argc;
@@ -267,7 +275,15 @@ fn deny_mapping(sb: &sandbox::Sandbox, d: &ExecDecision, buf: &[u8; PATH_MAX_LEN
         path_len,
     };
     audit::emit(|ev: &mut ExecEvent| {
-        audit::fill_header(&mut ev.header, KIND_EXEC, sb, d.verdict, d.source, d.rule);
+        audit::fill_header(
+            &mut ev.header,
+            KIND_EXEC,
+            sb,
+            d.verdict,
+            d.source,
+            d.rule,
+            &audit::Helpers,
+        );
         ev.op = op;
         ev.path_len = d.path_len;
         ev.argc = 0;

@@ -121,11 +121,12 @@ fn try_file_open(ctx: &LsmContext) -> i32 {
     };
     // SAFETY: per-CPU scratch, valid for this run.
     let v = unsafe { &mut *v };
+    let task = typed::Task::current();
     // Identity (and the tree epoch) first, before anything is resolved.
-    filecache::identify(v, inode, mnt);
+    filecache::identify(v, inode, mnt, task);
     if let Some(cached) = filecache::lookup(v, inode as u64, sb.config.sandbox_id) {
         audit::bump(COUNTER_FILE_CACHE_HIT);
-        return record(&sb, cached, access);
+        return record(&sb, cached, access, task);
     }
     audit::bump(COUNTER_FILE_CACHE_MISS);
     // SAFETY: `f_path` points into the hook's `struct file`; the offset
@@ -146,7 +147,7 @@ fn try_file_open(ctx: &LsmContext) -> i32 {
     };
     resolve(&sb, path_len, v, inode);
     filecache::insert(v, inode as u64, sb.config.sandbox_id);
-    record(&sb, v, access)
+    record(&sb, v, access, task)
 }
 
 /// Which self-protection applies to writes on the file system of `sb_ptr`.
@@ -172,7 +173,7 @@ fn decide_dentry(sb: &sandbox::Sandbox, mnt: *const u8, dentry: *const u8, acces
     let v = unsafe { &mut *v };
     let path_len = vfs::dentry_path(mnt, dentry, &mut v.path);
     resolve(sb, path_len, v, vfs::dentry_inode(dentry));
-    record(sb, v, access)
+    record(sb, v, access, typed::Task::current())
 }
 
 /// Fills `v` for the file whose resolved path is in `v.path` (its length
@@ -211,9 +212,10 @@ fn resolve(sb: &sandbox::Sandbox, path_len: Option<u32>, v: &mut FileCacheValue,
 }
 
 /// Decides `access` from the matches in `v`, records the decision with
-/// `v`'s path, and returns the hook's answer.
+/// `v`'s path, and returns the hook's answer. The header's task fields are
+/// loads through the typed `task` (this runs on every open).
 #[inline(always)]
-fn record(sb: &sandbox::Sandbox, v: &FileCacheValue, access: u32) -> i32 {
+fn record(sb: &sandbox::Sandbox, v: &FileCacheValue, access: u32, task: typed::Task) -> i32 {
     let (verdict, source, rule) = combine(sb, v, access);
     let [verdict, source, rule, path_len] =
         vfs::opaque([verdict.into(), source.into(), rule.into(), v.path_len.into()]).map(|x| x as u32);
@@ -227,7 +229,7 @@ fn record(sb: &sandbox::Sandbox, v: &FileCacheValue, access: u32) -> i32 {
         0
     };
     audit::emit(|ev: &mut FileEvent| {
-        audit::fill_header(&mut ev.header, KIND_FILE, sb, verdict, source, rule);
+        audit::fill_header(&mut ev.header, KIND_FILE, sb, verdict, source, rule, &task);
         ev.access = access;
         ev.path_len = path_len;
         vfs::copy(ev.path.as_mut_ptr(), path, copy_len);

@@ -65,7 +65,7 @@ const S_IFMT: u16 = 0o170_000;
 const S_IFDIR: u16 = 0o040_000;
 
 /// Reads into the working entry `v` what a cached entry must agree with,
-/// for `inode` opened through `mnt` by the current task. The epoch is read
+/// for `inode` opened through `mnt` by `task`, the current task. The epoch is read
 /// first, before the caller resolves anything. `inode` and `mnt` are typed
 /// pointers (`typed.rs`): `file_open`'s own.
 ///
@@ -74,10 +74,10 @@ const S_IFDIR: u16 = 0o040_000;
 /// program is verified once, not once per combination of reads that failed
 /// (a failed read yields 0, which the verifier would track as a constant).
 #[inline(always)]
-pub fn identify(v: &mut FileCacheValue, inode: *const u8, mnt: *const u8) {
+pub fn identify(v: &mut FileCacheValue, inode: *const u8, mnt: *const u8, task: typed::Task) {
     v.epoch = epoch();
     let (dev, ino) = typed::inode_id(inode);
-    let (root_mnt, root) = typed::task_root();
+    let (root_mnt, root) = typed::task_root(task);
     let (generation, nlink) =
         typed::inode_generation_nlink(inode, global(&INODE_I_GENERATION), global(&INODE_I_NLINK));
     v.dev = dev;

@@ -27,6 +27,18 @@ fn global(v: &'static u64) -> u64 {
     unsafe { core::ptr::read_volatile(v) }
 }
 
+/// `offsetof(struct task_struct, tgid)`.
+#[inline(always)]
+pub fn task_tgid_offset() -> usize {
+    global(&TASK_TGID) as usize
+}
+
+/// `offsetof(struct task_struct, comm)`.
+#[inline(always)]
+pub fn task_comm() -> usize {
+    global(&TASK_COMM) as usize
+}
+
 /// Offset of `f_path` inside `struct file`.
 #[inline(always)]
 pub fn file_f_path() -> u64 {
@@ -80,12 +92,10 @@ static LINEAGE: LruHashMap<u64, Lineage> = LruHashMap::with_max_entries(16384, 0
 static LINEAGE_SCRATCH: PerCpuArray<Lineage> = PerCpuArray::with_max_entries(1, 0);
 
 /// Fills the process key (`start_ns`), `ppid` and the bounded ancestry chain
-/// of an event header from the current task (`pid_tgid`: its
-/// `bpf_get_current_pid_tgid()`). Fields it cannot read stay 0.
+/// of an event header from the current task (`task`: its address;
+/// `pid_tgid`: its `bpf_get_current_pid_tgid()`). Fields it cannot read stay 0.
 #[inline(always)]
-pub fn fill_lineage(h: &mut EventHeader, pid_tgid: u64) {
-    // SAFETY: plain helper call.
-    let task = unsafe { bpf_get_current_task() };
+pub fn fill_lineage(h: &mut EventHeader, task: u64, pid_tgid: u64) {
     // SAFETY: plain data written whole by this program.
     if let Some(l) = unsafe { LINEAGE.get(task) }
         && l.pid_tgid == pid_tgid

@@ -156,7 +156,15 @@ fn decide(
         },
     };
     audit::emit(|ev: &mut NetEvent| {
-        audit::fill_header(&mut ev.header, KIND_NET, &sb, verdict, source, rule_idx);
+        audit::fill_header(
+            &mut ev.header,
+            KIND_NET,
+            &sb,
+            verdict,
+            source,
+            rule_idx,
+            &audit::Helpers,
+        );
         ev.family = family;
         ev.op = op;
         ev.protocol = protocol;

@@ -19,11 +19,37 @@
 //! wrong pointer offset fails the load rather than reading garbage.
 
 use aya_ebpf::helpers::generated::bpf_get_current_task_btf;
+use pep_common::event::COMM_LEN;
 
 use crate::{
+    audit::Actor,
     kernel,
     vfs::{self, global},
 };
+
+/// `offsetof(struct task_struct, pid)`.
+#[unsafe(no_mangle)]
+static TASK_PID: u64 = 0;
+/// `offsetof(struct task_struct, cred)`.
+#[unsafe(no_mangle)]
+static TASK_CRED: u64 = 0;
+/// `offsetof(struct cred, uid)` and `gid` (`kuid_t`/`kgid_t`: one u32 each).
+#[unsafe(no_mangle)]
+static CRED_UID: u64 = 0;
+#[unsafe(no_mangle)]
+static CRED_GID: u64 = 0;
+/// `offsetof(struct task_struct, cgroups)`.
+#[unsafe(no_mangle)]
+static TASK_CGROUPS: u64 = 0;
+/// `offsetof(struct css_set, dfl_cgrp)`.
+#[unsafe(no_mangle)]
+static CSS_SET_DFL_CGRP: u64 = 0;
+/// `offsetof(struct cgroup, kn)`.
+#[unsafe(no_mangle)]
+static CGROUP_KN: u64 = 0;
+/// `offsetof(struct kernfs_node, id)`: a cgroup's id is its node's.
+#[unsafe(no_mangle)]
+static KERNFS_NODE_ID: u64 = 0;
 
 /// `*(base + off)`, a pointer field of a typed struct.
 #[inline(always)]
@@ -91,12 +117,70 @@ pub fn inode_generation_nlink(inode: *const u8, generation_off: usize, nlink_off
     (load_val(inode, generation_off), load_val(inode, nlink_off))
 }
 
-/// The calling task's root (`current->fs->root`), as `vfs::task_root`.
+/// The calling task, typed (`bpf_get_current_task_btf()`).
+#[derive(Clone, Copy)]
+pub struct Task(*const u8);
+
+impl Task {
+    #[inline(always)]
+    pub fn current() -> Self {
+        // SAFETY: plain helper call; it returns the typed current task.
+        Self(unsafe { bpf_get_current_task_btf() } as *const u8)
+    }
+}
+
+/// What `audit::Helpers` reads with helper calls, as loads. The values are
+/// the helpers' own: `pid`/`tgid` as the kernel numbers them, `uid`/`gid`
+/// raw from `current->cred` (the initial namespace's view, where ids map to
+/// themselves), the default hierarchy's cgroup through `current->cgroups`
+/// (stable while the task runs in a hook), and `comm` as stored (the
+/// kernel pads it with NULs; the last byte is forced to NUL all the same,
+/// as a concurrent rename could tear it).
+impl Actor for Task {
+    #[inline(always)]
+    fn task(&self) -> u64 {
+        self.0 as u64
+    }
+
+    #[inline(always)]
+    fn pid_tgid(&self) -> u64 {
+        let pid: u32 = load_val(self.0, global(&TASK_PID));
+        let tgid: u32 = load_val(self.0, kernel::task_tgid_offset());
+        (u64::from(tgid) << 32) | u64::from(pid)
+    }
+
+    #[inline(always)]
+    fn uid_gid(&self) -> u64 {
+        let cred = load_ptr(self.0, global(&TASK_CRED));
+        let uid: u32 = load_val(cred, global(&CRED_UID));
+        let gid: u32 = load_val(cred, global(&CRED_GID));
+        (u64::from(gid) << 32) | u64::from(uid)
+    }
+
+    #[inline(always)]
+    fn cgroup_id(&self) -> u64 {
+        let cset = load_ptr(self.0, global(&TASK_CGROUPS));
+        let cgrp = load_ptr(cset, global(&CSS_SET_DFL_CGRP));
+        load_val(load_ptr(cgrp, global(&CGROUP_KN)), global(&KERNFS_NODE_ID))
+    }
+
+    #[inline(always)]
+    fn comm(&self) -> [u8; COMM_LEN] {
+        let off = kernel::task_comm();
+        let lo: u64 = load_val(self.0, off);
+        let hi: u64 = load_val(self.0, off + 8);
+        let mut c = [0u8; COMM_LEN];
+        c[..8].copy_from_slice(&lo.to_ne_bytes());
+        c[8..].copy_from_slice(&hi.to_ne_bytes());
+        c[COMM_LEN - 1] = 0;
+        c
+    }
+}
+
+/// The task's root (`task->fs->root`), as `vfs::task_root`.
 #[inline(always)]
-pub fn task_root() -> (*const u8, *const u8) {
-    // SAFETY: plain helper call; it returns the typed current task.
-    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
-    let fs = load_ptr(task, global(&vfs::TASK_FS));
+pub fn task_root(task: Task) -> (*const u8, *const u8) {
+    let fs = load_ptr(task.0, global(&vfs::TASK_FS));
     let root = global(&vfs::FS_ROOT);
     (
         load_ptr(fs, root + global(&vfs::PATH_MNT)),

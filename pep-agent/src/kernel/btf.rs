@@ -111,6 +111,15 @@ pub fn program_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u64)>, BtfE
             btf.offset_of("task_struct", "start_boottime")?,
         ),
         ("TASK_COMM", btf.offset_of("task_struct", "comm")?),
+        // A file record's task fields, as loads (pep-ebpf typed.rs `Task`).
+        ("TASK_PID", btf.offset_of("task_struct", "pid")?),
+        ("TASK_CRED", btf.offset_of("task_struct", "cred")?),
+        ("CRED_UID", btf.offset_of("cred", "uid")?),
+        ("CRED_GID", btf.offset_of("cred", "gid")?),
+        ("TASK_CGROUPS", btf.offset_of("task_struct", "cgroups")?),
+        ("CSS_SET_DFL_CGRP", btf.offset_of("css_set", "dfl_cgrp")?),
+        ("CGROUP_KN", btf.offset_of("cgroup", "kn")?),
+        ("KERNFS_NODE_ID", btf.offset_of("kernfs_node", "id")?),
         // File, exec and self-protection hooks (pep-ebpf vfs.rs, exec.rs,
         // protect.rs): the dentry walk, inode identity, fs magic, argv.
         ("PATH_MNT", btf.offset_of("path", "mnt")?),
