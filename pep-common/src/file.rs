@@ -116,3 +116,8 @@ pub struct FileCacheValue {
     pub nlink: u32,
     pub path: [u8; crate::event::PATH_MAX_LEN],
 }
+
+// pep-ebpf copies a path from this value into a `FileEvent` a word at a
+// time (`vfs::copy_path`): both buffers start on 8-byte boundaries.
+const _: () = assert!(core::mem::offset_of!(FileCacheValue, path) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(crate::event::FileEvent, path) % 8 == 0);

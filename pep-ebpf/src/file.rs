@@ -219,7 +219,6 @@ fn record(sb: &sandbox::Sandbox, v: &FileCacheValue, access: u32, task: typed::T
     let (verdict, source, rule) = combine(sb, v, access);
     let [verdict, source, rule, path_len] =
         vfs::opaque([verdict.into(), source.into(), rule.into(), v.path_len.into()]).map(|x| x as u32);
-    let path = v.path.as_ptr();
     // The path and its NUL only, not the whole buffer: this runs on every
     // open, and most paths are a fraction of PATH_MAX_LEN. The rest of the
     // record's buffer is not written (userspace reads `path_len` bytes).
@@ -232,7 +231,7 @@ fn record(sb: &sandbox::Sandbox, v: &FileCacheValue, access: u32, task: typed::T
         audit::fill_header(&mut ev.header, KIND_FILE, sb, verdict, source, rule, &task);
         ev.access = access;
         ev.path_len = path_len;
-        vfs::copy(ev.path.as_mut_ptr(), path, copy_len);
+        vfs::copy_path(&mut ev.path, &v.path, copy_len);
     });
     answer(sb, verdict)
 }
