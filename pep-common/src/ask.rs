@@ -9,6 +9,7 @@
 //! anything else fails now (`ASK_DENIED_NOW`, or goes ahead in audit mode,
 //! `ASK_ALLOWED_NOW`) and the answer is cached for the next attempt.
 
+pub use crate::event::ExeIdentity;
 use crate::event::{EventHeader, ExecEvent};
 
 /// Event kind of an `AskEvent` (sent through the `ASKS` ring buffer, not
@@ -106,25 +107,6 @@ pub struct AskEvent {
     pub sent: u32,
     /// The socket's own family (an IPv6 socket may reach an IPv4 peer).
     pub sock_family: u32,
-    /// The executable image of the process that missed.
-    pub exe: ExeIdentity,
-}
-
-/// Which executable image a process is running, read by the kernel at the
-/// miss, so that userspace can name `subject.exe` from a cache instead of
-/// reading `/proc/PID/exe` for every ask. With the process key (the event
-/// header's `pid` and `start_ns`) it names one image: `exec_id` changes
-/// with every exec, (`dev`, `ino`) with a `PR_SET_MM_EXE_FILE`. All zero
-/// when it could not be read (then nothing is cached).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ExeIdentity {
-    /// `current->self_exec_id`: bumped by every exec, copied by fork.
-    pub exec_id: u64,
-    /// `current->mm->exe_file->f_inode`: `i_sb->s_dev` (the kernel's
-    /// encoding) and `i_ino`.
-    pub dev: u64,
-    pub ino: u64,
 }
 
 /// An exec miss, as userspace receives it: the exec record the kernel would
@@ -139,6 +121,4 @@ pub struct ExecAskEvent {
     /// `ASK_DENIED_NOW`, or `ASK_ALLOWED_NOW` in audit mode.
     pub disposition: u32,
     pub _pad: u32,
-    /// The image that execs (the one being replaced, not the new file).
-    pub exe: ExeIdentity,
 }

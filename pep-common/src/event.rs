@@ -58,10 +58,31 @@ pub struct EventHeader {
     /// When the process (its thread group leader) started, ns since boot
     /// (`task_struct.start_boottime`): with `pid`, a key unique across the boot.
     pub start_ns: u64,
+    /// The program image that acted: with `pid` and `start_ns`, what names
+    /// the record's `exe`.
+    pub exe: ExeIdentity,
     /// The parent first, then its parent, ...; `n_ancestors` entries in use.
     pub ancestors: [Ancestor; MAX_ANCESTORS],
     pub n_ancestors: u32,
     pub _pad2: u32,
+}
+
+/// Which executable image a process is running, read by the kernel with
+/// each decision, so that userspace can name the record's `exe` (and a PDP
+/// query's `subject.exe`) from a cache instead of reading `/proc/PID/exe`
+/// for every event. With the process key (the event
+/// header's `pid` and `start_ns`) it names one image: `exec_id` changes
+/// with every exec, (`dev`, `ino`) with a `PR_SET_MM_EXE_FILE`. All zero
+/// when it could not be read (then nothing is cached).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExeIdentity {
+    /// `current->self_exec_id`: bumped by every exec, copied by fork.
+    pub exec_id: u64,
+    /// `current->mm->exe_file->f_inode`: `i_sb->s_dev` (the kernel's
+    /// encoding) and `i_ino`.
+    pub dev: u64,
+    pub ino: u64,
 }
 
 /// How many ancestors an event carries (bounded: the chain is read in-kernel).

@@ -48,7 +48,7 @@ use pep_common::{
     sandbox::MODE_AUDIT,
 };
 
-use crate::{audit, kernel, sandbox::Sandbox, vfs};
+use crate::{audit, sandbox::Sandbox, vfs};
 
 /// Cached PDP verdicts. LRU: the size is bounded and an evicted verdict is
 /// only asked again.
@@ -164,7 +164,6 @@ pub fn on_miss(
         RULE_NONE,
         &audit::Helpers,
     );
-    kernel::current_exe(&mut ev.exe);
     ev.saddr = [0; 16];
     ev.sport = 0;
     ev.sent = 0;
@@ -298,7 +297,6 @@ pub fn on_exec_miss(
     };
     ev._pad = 0;
     // Still the image that execs: the new one replaces it only later.
-    kernel::current_exe(&mut ev.exe);
     entry.submit(BPF_RB_FORCE_WAKEUP);
     ExecMiss::Asked
 }

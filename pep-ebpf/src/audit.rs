@@ -53,6 +53,8 @@ pub trait Actor {
     /// The id of the task's cgroup v2 cgroup.
     fn cgroup_id(&self) -> u64;
     fn comm(&self) -> [u8; COMM_LEN];
+    /// `self_exec_id`: the exec generation (0 when it cannot be read).
+    fn exec_id(&self) -> u64;
 }
 
 /// The helpers' view of the current task.
@@ -85,6 +87,12 @@ impl Actor for Helpers {
     fn comm(&self) -> [u8; COMM_LEN] {
         bpf_get_current_comm().unwrap_or_default()
     }
+
+    #[inline(always)]
+    fn exec_id(&self) -> u64 {
+        // SAFETY: plain helper call; the task pointer is only probe-read.
+        kernel::task_exec_id(unsafe { bpf_get_current_task() } as *const u8)
+    }
 }
 
 /// Fills the common header of an event, the acting task's fields from
@@ -116,8 +124,8 @@ pub fn fill_header(
     h.gid = (uid_gid >> 32) as u32;
     h._pad = 0;
     h.comm = actor.comm();
-    // ppid, the process key and the ancestry chain.
-    kernel::fill_lineage(h, actor.task(), pid_tgid);
+    // The process key, its image, ppid and the ancestry chain.
+    kernel::fill_lineage(h, actor.task(), pid_tgid, actor.exec_id());
 }
 
 /// Reserves room for one event of type `T`, counting the decision and, when

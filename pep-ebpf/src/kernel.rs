@@ -4,11 +4,11 @@
 //! real layout, so a wrong offset fails the load instead of reading garbage.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
+    helpers::bpf_probe_read_kernel,
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
-use pep_common::event::{Ancestor, COMM_LEN, EventHeader, MAX_ANCESTORS};
+use pep_common::event::{Ancestor, COMM_LEN, EventHeader, ExeIdentity, MAX_ANCESTORS};
 
 /// `offsetof(struct task_struct, real_parent)`.
 #[unsafe(no_mangle)]
@@ -73,6 +73,9 @@ pub struct Lineage {
     /// struct reused by another thread does not match.
     pid_tgid: u64,
     start_ns: u64,
+    /// The image the thread ran when this was read: an exec (a new
+    /// `exec_id`) reads the entry afresh.
+    exe: ExeIdentity,
     n_ancestors: u32,
     _pad: u32,
     ancestors: [Ancestor; MAX_ANCESTORS],
@@ -91,14 +94,16 @@ static LINEAGE: LruHashMap<u64, Lineage> = LruHashMap::with_max_entries(16384, 0
 #[map]
 static LINEAGE_SCRATCH: PerCpuArray<Lineage> = PerCpuArray::with_max_entries(1, 0);
 
-/// Fills the process key (`start_ns`), `ppid` and the bounded ancestry chain
-/// of an event header from the current task (`task`: its address;
-/// `pid_tgid`: its `bpf_get_current_pid_tgid()`). Fields it cannot read stay 0.
+/// Fills the process key (`start_ns`), the image (`exe`), `ppid` and the
+/// bounded ancestry chain of an event header from the current task (`task`:
+/// its address; `pid_tgid` and `exec_id`: its ids, `audit::Actor`). Fields
+/// it cannot read stay 0.
 #[inline(always)]
-pub fn fill_lineage(h: &mut EventHeader, task: u64, pid_tgid: u64) {
+pub fn fill_lineage(h: &mut EventHeader, task: u64, pid_tgid: u64, exec_id: u64) {
     // SAFETY: plain data written whole by this program.
     if let Some(l) = unsafe { LINEAGE.get(task) }
         && l.pid_tgid == pid_tgid
+        && l.exe.exec_id == exec_id
     {
         copy_lineage(h, l);
         return;
@@ -110,6 +115,8 @@ pub fn fill_lineage(h: &mut EventHeader, task: u64, pid_tgid: u64) {
     let l = unsafe { &mut *l };
     read_lineage(task as *const u8, l);
     l.pid_tgid = pid_tgid;
+    let (dev, ino) = exe_file_id(task as *const u8);
+    l.exe = ExeIdentity { exec_id, dev, ino };
     // By reference: a copy would put 104 more bytes on the 512-byte stack.
     let l: &Lineage = l;
     let _ = LINEAGE.insert(task, l, 0);
@@ -119,6 +126,7 @@ pub fn fill_lineage(h: &mut EventHeader, task: u64, pid_tgid: u64) {
 #[inline(always)]
 fn copy_lineage(h: &mut EventHeader, l: &Lineage) {
     h.start_ns = l.start_ns;
+    h.exe = l.exe;
     h.n_ancestors = l.n_ancestors;
     h._pad2 = 0;
     h.ancestors = l.ancestors;
@@ -201,27 +209,27 @@ static MM_EXE_FILE: u64 = 0;
 #[unsafe(no_mangle)]
 static TASK_SELF_EXEC_ID: u64 = 0;
 
-/// The current process's executable image (`pep_common::ask::ExeIdentity`):
-/// its exec generation and `mm->exe_file`'s inode. All zero when it cannot
-/// be read (a kernel thread has no mm).
+/// `task->self_exec_id` (probe-read), 0 when unreadable.
 #[inline(always)]
-pub fn current_exe(out: &mut pep_common::ask::ExeIdentity) {
-    out.exec_id = 0;
-    out.dev = 0;
-    out.ino = 0;
-    let (off_mm, off_exe, off_id) = (global(&TASK_MM), global(&MM_EXE_FILE), global(&TASK_SELF_EXEC_ID));
-    if off_mm == 0 || off_exe == 0 || off_id == 0 {
-        return;
+pub fn task_exec_id(task: *const u8) -> u64 {
+    crate::vfs::read_val::<u64>(task, global(&TASK_SELF_EXEC_ID) as usize)
+}
+
+/// `offsetof(struct task_struct, self_exec_id)`, for typed loads.
+#[inline(always)]
+pub fn task_exec_id_offset() -> usize {
+    global(&TASK_SELF_EXEC_ID) as usize
+}
+
+/// (`s_dev`, `i_ino`) of `task->mm->exe_file` (probe-read), zeros when it
+/// cannot be read (a kernel thread has no mm).
+#[inline(always)]
+fn exe_file_id(task: *const u8) -> (u64, u64) {
+    let (off_mm, off_exe) = (global(&TASK_MM), global(&MM_EXE_FILE));
+    if off_mm == 0 || off_exe == 0 {
+        return (0, 0);
     }
-    // SAFETY: plain helper call; the task pointer is only probe-read.
-    let task = unsafe { bpf_get_current_task() } as *const u8;
     let mm = crate::vfs::read_ptr(task, off_mm as usize);
     let file = crate::vfs::read_ptr(mm, off_exe as usize);
-    let (dev, ino) = crate::vfs::inode_id(crate::vfs::file_inode(file));
-    if ino == 0 {
-        return;
-    }
-    out.exec_id = crate::vfs::read_val::<u64>(task, off_id as usize);
-    out.dev = dev;
-    out.ino = ino;
+    crate::vfs::inode_id(crate::vfs::file_inode(file))
 }

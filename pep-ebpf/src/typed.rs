@@ -175,6 +175,11 @@ impl Actor for Task {
         c[COMM_LEN - 1] = 0;
         c
     }
+
+    #[inline(always)]
+    fn exec_id(&self) -> u64 {
+        load_val(self.0, kernel::task_exec_id_offset())
+    }
 }
 
 /// The task's root (`task->fs->root`), as `vfs::task_root`.

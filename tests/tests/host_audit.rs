@@ -370,3 +370,63 @@ fn two_tailers_each_see_exactly_what_their_filters_select() {
     assert_eq!(deny_seen, want_deny, "the --verdict deny tailer");
     assert_eq!(send_seen, want_send, "the --action net.send tailer");
 }
+
+/// A process that execs without forking (as `env`, `setpriv` or a shell's
+/// `exec` do) is another program afterwards, and its records say so: the
+/// record's `exe` is the image that acted, not the first one seen under
+/// that pid. Image A (python3) is denied a send, waits until that record is
+/// written (so its exe was looked up before the exec), then execs image B
+/// (a copy of python3: another file, so another path and inode), which is
+/// denied a send too.
+#[test]
+fn records_after_an_exec_name_the_new_program() {
+    let s = Scratch::new("audit-exe");
+    let policy = deny_all_policy(&s);
+    let log = s.dir.join("audit.jsonl");
+    let python = real_python();
+    let copy = s.dir.join("py-b");
+    std::fs::copy(&python, &copy).expect("copy python3");
+    let send = |addr: &str| {
+        format!(
+            "import socket\ntry:\n    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ({addr:?}, 9))\n\
+             except PermissionError:\n    pass\n"
+        )
+    };
+    let a = format!(
+        "{}import os, time\n\
+         for _ in range(500):\n    \
+             if '10.9.9.1' in open({log:?}).read(): break\n    \
+             time.sleep(0.01)\n\
+         else:\n    raise SystemExit('the first record never came')\n\
+         os.execv({copy:?}, [{copy:?}, '-c', {b:?}])\n",
+        send("10.9.9.1"),
+        log = log.display().to_string(),
+        copy = copy.display().to_string(),
+        b = send("10.9.9.2"),
+    );
+    let out = pep_run(
+        &policy,
+        &["--audit", log.to_str().expect("utf8")],
+        &[python.to_str().expect("utf8"), "-c", &a],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let recs = read_audit(&log);
+    let exe_of = |addr: &str| {
+        recs.iter()
+            .find(|r| r["net"]["daddr"] == addr)
+            .unwrap_or_else(|| panic!("no record for {addr}: {recs:#?}"))["process"]["exe"]
+            .clone()
+    };
+    let (first, second) = (exe_of("10.9.9.1"), exe_of("10.9.9.2"));
+    assert_eq!(first, python.display().to_string().as_str(), "before the exec");
+    assert_eq!(second, copy.display().to_string().as_str(), "after the exec");
+}
+
+/// The python3 binary itself (PATH may hold a wrapper script, e.g. pyenv's).
+fn real_python() -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"])
+        .output()
+        .expect("python3");
+    PathBuf::from(String::from_utf8(out.stdout).expect("utf8").trim())
+}

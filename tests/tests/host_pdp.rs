@@ -648,12 +648,14 @@ fn subject_exe_follows_an_exec_under_the_same_pid() {
 }
 
 /// The keep-warm after a miss (`pdp/warm.rs`) is bounded: some warm-ups
-/// while misses were recent, at most one per ms for 100 ms after the last
-/// one, and none at all in a run without misses.
+/// while misses come in a stream, at most one per ms for 100 ms after the
+/// last one, none after a lone miss, and none at all in a run without
+/// misses.
 #[test]
 fn keep_warm_is_bounded_and_idle_without_misses() {
     let s = Scratch::new("pdp-warm");
     let port = tcp_server("127.0.0.1:0").port();
+    let port2 = tcp_server("127.0.0.1:0").port();
     let rego = s.write(
         "allow.rego",
         "package pep\ndefault decision := {\"allow\": true, \"ttl_s\": 60}\n",
@@ -684,8 +686,13 @@ fn keep_warm_is_bounded_and_idle_without_misses() {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no keep-warm line in: {err}"))
     };
-    // One miss, then 400 ms without any: the warm-ups stop 100 ms after it.
-    let n = warmed(&format!("exec 3<>/dev/tcp/127.0.0.1/{port} && sleep 0.4"));
-    assert!((1..=101).contains(&n), "{n} keep-warm decisions after one miss");
+    // Two misses (two destinations), then 400 ms without any: the warm-ups
+    // stop 100 ms after the second.
+    let n = warmed(&format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{port} && exec 4<>/dev/tcp/127.0.0.1/{port2} && sleep 0.4"
+    ));
+    assert!((1..=101).contains(&n), "{n} keep-warm decisions after two misses");
+    let n = warmed(&format!("exec 3<>/dev/tcp/127.0.0.1/{port} && sleep 0.3"));
+    assert_eq!(n, 0, "keep-warm decisions after a lone miss");
     assert_eq!(warmed("sleep 0.3"), 0, "keep-warm decisions without a miss");
 }

@@ -255,7 +255,8 @@ fn the_mount_tree_cannot_be_changed_or_reached_around() {
 /// A file record names who opened the file, read from the task (`typed::Task`
 /// in pep-ebpf, plain loads rather than helper calls): pid and tid of a
 /// second thread, uid and gid after a change of credentials, comm, the
-/// cgroup, the parent. Checked against what the process says of itself, for
+/// cgroup, the parent, and the program (`exe`) after an exec without a
+/// fork. Checked against what the process says of itself, for
 /// a decision made by resolving the path and for one answered by the cache.
 #[test]
 fn records_name_the_acting_process() {
@@ -273,14 +274,23 @@ fn records_name_the_acting_process() {
          th.start(); th.join()\n\
          cg = open('/proc/self/cgroup').read().strip().split('::')[-1]\n\
          print('WHO', os.getpid(), tid[0], os.getppid(), os.getuid(), os.getgid(), \
-         os.stat('/sys/fs/cgroup' + cg).st_ino)\n",
+         os.stat('/sys/fs/cgroup' + cg).st_ino)\n\
+         import sys; print('EXE', os.path.realpath(sys.executable))\n",
         t = target.display().to_string()
     );
     let out = pep_run(
         &p,
         &["--audit", log.to_str().expect("utf8")],
         &[
-            "setpriv", "--reuid", "65534", "--regid", "65533", "--clear-groups", "python3", "-c", &script,
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65533",
+            "--clear-groups",
+            "python3",
+            "-c",
+            &script,
         ],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -295,15 +305,33 @@ fn records_name_the_acting_process() {
         panic!("WHO line: {who:?}");
     };
     assert_ne!(pid, tid, "the second thread has a tid of its own");
+    // The image after setpriv's exec (the exec without a fork), named from
+    // the exec records the stream carried.
+    let exe = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("EXE "))
+        .unwrap_or_else(|| panic!("no EXE line: {}", describe(&out)));
     let recs = read_audit(&log);
     let mine = records_for(&recs, &target);
-    assert_eq!(mine.len(), 3, "two opens by the main thread, one by the other: {mine:#?}");
+    assert_eq!(
+        mine.len(),
+        3,
+        "two opens by the main thread, one by the other: {mine:#?}"
+    );
     for (r, want_tid) in mine.iter().zip([pid, pid, tid]) {
         let pr = &r["process"];
-        let got = [&pr["pid"], &pr["tid"], &pr["ppid"], &pr["uid"], &pr["gid"], &pr["cgroup_id"]]
-            .map(|v| v.as_u64().unwrap_or_else(|| panic!("field missing in {r}")));
+        let got = [
+            &pr["pid"],
+            &pr["tid"],
+            &pr["ppid"],
+            &pr["uid"],
+            &pr["gid"],
+            &pr["cgroup_id"],
+        ]
+        .map(|v| v.as_u64().unwrap_or_else(|| panic!("field missing in {r}")));
         assert_eq!(got, [pid, want_tid, ppid, uid, gid, cgroup_id], "record: {r}");
         assert_eq!(pr["comm"], "python3", "{r}");
+        assert_eq!(pr["exe"], exe, "{r}");
         assert_eq!(r["verdict"], "allow", "{r}");
     }
     assert_eq!((uid, gid), (65534, 65533), "setpriv changed the credentials");

@@ -10,8 +10,8 @@ use pep_common::event::{
     VERDICT_DENY,
 };
 use pep_common::event::{
-    EXEC_OP_EXEC, EXEC_OP_MMAP, EXEC_OP_MPROTECT, ExecEvent, KIND_EXEC, KIND_SELF, SELF_BPF, SELF_BPFFS,
-    SELF_CGROUP, SELF_MODULE, SELF_MOUNT, SELF_PTRACE, SELF_SIGNAL, SelfEvent,
+    EXEC_OP_EXEC, EXEC_OP_MMAP, EXEC_OP_MPROTECT, ExeIdentity, ExecEvent, KIND_EXEC, KIND_SELF, SELF_BPF,
+    SELF_BPFFS, SELF_CGROUP, SELF_MODULE, SELF_MOUNT, SELF_PTRACE, SELF_SIGNAL, SelfEvent,
 };
 use pep_common::sandbox::{MODE_AUDIT, MODE_ENFORCE};
 
@@ -68,6 +68,8 @@ pub struct Header {
     pub comm: String,
     /// Process start, ns since boot; with `pid`, unique across the boot.
     pub start_ns: u64,
+    /// The program image that acted (`audit::exe` names it).
+    pub exe: ExeIdentity,
     /// Parent first; at most `MAX_ANCESTORS`.
     pub ancestors: Vec<(u32, String)>,
 }
@@ -302,6 +304,7 @@ impl TryFrom<&EventHeader> for Header {
             gid: h.gid,
             comm: comm_str(&h.comm),
             start_ns: h.start_ns,
+            exe: h.exe,
             ancestors: h.ancestors[..n]
                 .iter()
                 .map(|a| (a.pid, comm_str(&a.comm)))

@@ -241,6 +241,7 @@ fn header() -> impl Strategy<Value = Header> {
                 gid: uid ^ 1,
                 comm,
                 start_ns,
+                exe: Default::default(),
                 ancestors,
             },
         )

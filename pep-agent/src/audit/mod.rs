@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod compact;
 pub mod decode;
+pub mod exe;
 pub mod hub;
 pub mod line;
 #[cfg(test)]

@@ -19,7 +19,8 @@ use aya::maps::{MapData, PerCpuArray};
 use pep_common::event::{COUNTER_DECISIONS, COUNTER_LOST};
 
 use super::{
-    decode::{Decision, NetOp, Verdict},
+    decode::{Decision, ExecOp, Mode, NetOp, Verdict},
+    exe::{Acting, ExeCache},
     hub::Hub,
     record::{self, Chain, Record, SandboxContext},
     sink::Sink,
@@ -120,8 +121,6 @@ struct Window {
 /// Bounds the coalescer's memory: beyond this many open windows, new keys
 /// are recorded one by one.
 const MAX_WINDOWS: usize = 4096;
-/// Bounds the exe cache.
-const MAX_EXE_CACHE: usize = 4096;
 
 fn coalesce_key(d: &Decision) -> Option<CoalesceKey> {
     let h = d.header();
@@ -171,7 +170,8 @@ pub struct Pipeline {
     hub: Option<Hub>,
     coalesce_ns: u64,
     windows: HashMap<CoalesceKey, Window>,
-    exe_cache: HashMap<(u32, u64), Option<String>>,
+    /// The `exe` of records (`audit::exe`).
+    exes: ExeCache,
     kernel_lost_seen: u64,
     totals: Totals,
     /// The host daemon's sandboxes share one stream: the context of each
@@ -213,7 +213,7 @@ impl Pipeline {
             hub,
             coalesce_ns: u64::try_from(opts.coalesce.as_nanos()).unwrap_or(u64::MAX),
             windows: HashMap::new(),
-            exe_cache: HashMap::new(),
+            exes: ExeCache::default(),
             kernel_lost_seen: 0,
             totals: Totals::default(),
             contexts: None,
@@ -262,7 +262,13 @@ impl Pipeline {
             }
         }
         for r in recs {
-            let exe = record::read_exe(r.decision.header().pid);
+            let h = r.decision.header();
+            let exe = self.exes.name(Acting {
+                pid: h.pid,
+                start_ns: h.start_ns,
+                ppid: h.ppid,
+                image: &h.exe,
+            });
             let mut rec = record::build(self.chain.clock(), &r.decision, &self.sctx, exe);
             rec.pdp = Some(r.pdp);
             if let Some(feed) = &self.dns_feed {
@@ -352,15 +358,24 @@ impl Pipeline {
 
     fn emit(&mut self, d: &Decision, count: Option<u64>) -> std::io::Result<()> {
         let h = d.header();
-        let key = (h.pid, h.start_ns);
-        if self.exe_cache.len() >= MAX_EXE_CACHE && !self.exe_cache.contains_key(&key) {
-            self.exe_cache.clear();
+        let exe = self.exes.name(Acting {
+            pid: h.pid,
+            start_ns: h.start_ns,
+            ppid: h.ppid,
+            image: &h.exe,
+        });
+        // An exec that went ahead names the process's next image (after
+        // this record, which names the image that exec'd).
+        if let Decision::Exec {
+            op: ExecOp::Exec,
+            path: Some(path),
+            ..
+        } = d
+            && (h.verdict == Verdict::Allow || h.mode == Mode::Audit)
+        {
+            self.exes.exec_seen(h.pid, h.start_ns, h.exe.exec_id, path);
         }
-        let exe = self
-            .exe_cache
-            .entry(key)
-            .or_insert_with(|| record::read_exe(h.pid))
-            .as_deref();
+        let exe = exe.as_deref();
         let ctx = self.contexts.as_ref().and_then(|f| f(h.sandbox_id));
         // One record for every decision: its buffers are reused.
         let mut rec = std::mem::take(&mut self.scratch);
@@ -522,6 +537,7 @@ mod tests {
                 gid: 0,
                 comm: "flood".into(),
                 start_ns: 9,
+                exe: Default::default(),
                 ancestors: vec![],
             },
             op: NetOp::Send,

@@ -480,6 +480,7 @@ mod tests {
             gid: 0,
             comm: "curl".into(),
             start_ns: 5,
+            exe: Default::default(),
             ancestors: vec![(1, "init".into())],
         }
     }

@@ -151,7 +151,8 @@ pub fn program_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u64)>, BtfE
         ("PT_REGS_ORIG_AX", btf.offset_of("pt_regs", "orig_ax")?),
         ("PT_REGS_SI", btf.offset_of("pt_regs", "si")?),
         ("PT_REGS_DX", btf.offset_of("pt_regs", "dx")?),
-        // The executable image in PDP asks (pep-ebpf kernel.rs `current_exe`).
+        // The executable image of every decision (pep-ebpf kernel.rs
+        // `fill_lineage`).
         ("TASK_MM", btf.offset_of("task_struct", "mm")?),
         ("MM_EXE_FILE", btf.offset_of("mm_struct", "exe_file")?),
         ("TASK_SELF_EXEC_ID", btf.offset_of("task_struct", "self_exec_id")?),

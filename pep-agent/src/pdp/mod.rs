@@ -23,7 +23,6 @@ pub mod builtin;
 pub mod cache;
 pub mod engine;
 pub mod eval;
-pub mod exe;
 pub mod input;
 pub mod kernel;
 pub mod miss;

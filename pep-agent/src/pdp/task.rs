@@ -49,16 +49,16 @@ use tokio::sync::mpsc;
 use super::{
     Pdp, PdpDecision, PdpError,
     cache::{boot_ns, key_addr},
-    exe::ExeCache,
     kernel::AskMaps,
     miss::{Miss, decode_exec},
     origins::{Origin, OriginKey},
     query::{Context, Query, Resource, Subject},
     sockdiag,
-    warm::{WARM_EVERY_MS, WARM_FOR, boost_priority, thread_cpu_ns, warm_up},
+    warm::{Streak, WARM_EVERY_MS, boost_priority, thread_cpu_ns, warm_up},
 };
 use crate::{
     audit::decode::{Decision, ExecOp, Header, NetOp, Source, Verdict},
+    audit::exe::{Acting, ExeCache},
     policy::OnUnavailable,
 };
 
@@ -250,10 +250,10 @@ fn read_asks(
     let fd = asks.as_raw_fd();
     let mut last_sweep = Instant::now();
     let mut exes = ExeCache::default();
-    // When the last miss was decided by an embedded engine.
-    let mut last_embedded: Option<Instant> = None;
+    // The misses decided by an embedded engine.
+    let mut streak = Streak::default();
     while !stop.load(Ordering::SeqCst) {
-        let warming = last_embedded.is_some_and(|t| t.elapsed() < WARM_FOR);
+        let warming = streak.warming(Instant::now());
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -285,7 +285,7 @@ fn read_asks(
             match ask.settings.pdp.decide_now(&ask.query) {
                 Some(result) => {
                     finish(shared, ask, result, started.elapsed(), query_ns);
-                    last_embedded = Some(Instant::now());
+                    streak.missed(Instant::now());
                 }
                 None => {
                     // A remote answer takes a round trip: ask concurrently.
@@ -381,7 +381,7 @@ impl Ask {
     /// The query for a miss. The executable is named from `exes` by the
     /// image the kernel saw (`ExeCache`): `/proc` is read once per image.
     fn new(s: Arc<AskSettings>, miss: Miss, received_ns: u64, exes: &mut ExeCache) -> Option<Self> {
-        let (key, disposition, ts_boot_ns, header, target, action, resource, image) = match miss {
+        let (key, disposition, ts_boot_ns, header, target, action, resource) = match miss {
             Miss::Net(ev) => {
                 let Some(daddr) = key_addr(&ev.key) else {
                     tracing::error!("ask event with family {}", ev.key.family);
@@ -400,28 +400,24 @@ impl Ask {
                     "net.send"
                 };
                 let resource = Resource::net(daddr, ev.key.dport as u16, ev.key.protocol as u8);
-                let (key, disposition, ts, image) = (ev.key, ev.disposition, ev.header.ts_boot_ns, ev.exe);
+                let (key, disposition, ts) = (ev.key, ev.disposition, ev.header.ts_boot_ns);
                 let target = Target::Net { ev, daddr };
-                (key, disposition, ts, header, target, action, resource, image)
+                (key, disposition, ts, header, target, action, resource)
             }
             Miss::Exec(ev) => {
                 let (header, path, argv) = decode_exec(&ev.exec)?;
                 let resource = Resource::Exec { path: path.clone() };
                 let target = Target::Exec { path, argv };
                 let ts = ev.exec.header.ts_boot_ns;
-                (
-                    ev.key,
-                    ev.disposition,
-                    ts,
-                    header,
-                    target,
-                    "exec",
-                    resource,
-                    ev.exe,
-                )
+                (ev.key, ev.disposition, ts, header, target, "exec", resource)
             }
         };
-        let exe = exes.name(header.pid, header.start_ns, &image);
+        let exe = exes.name(Acting {
+            pid: header.pid,
+            start_ns: header.start_ns,
+            ppid: header.ppid,
+            image: &header.exe,
+        });
         let context = Context::now(&s.policy_revision);
         let query = Query {
             subject: Subject {

@@ -5,16 +5,19 @@
 //! A decision made right after the ask thread has slept runs on cold
 //! caches: here, where an idle vCPU halts (a VM exit), several times its
 //! warm time (the interpreter: about 4.5 us warm, 17-50 us at the median
-//! cold). So while misses keep coming (the last one decided by an embedded
-//! engine less than `WARM_FOR` ago), a wait for misses that ends without
-//! one makes a throwaway decision and a verdict-cache lookup every
-//! `WARM_EVERY_MS` (`task::keep_warm`), which keeps what the next miss
-//! touches cached. Bounded: at most `WARM_FOR / WARM_EVERY_MS` of them after
-//! each miss, none once the sandbox stops missing (an idle sandbox costs
-//! nothing), none for a remote engine. Their CPU time is counted and
-//! logged at exit with the miss timings.
+//! cold). So while misses come in a stream (`Streak`: the last two decided
+//! by an embedded engine less than `WARM_FOR` apart, the last less than
+//! `WARM_FOR` ago), a wait for misses that ends without one makes a
+//! throwaway decision and a verdict-cache lookup every `WARM_EVERY_MS`
+//! (`task::keep_warm`), which keeps what the next miss touches cached.
+//! Bounded: at most `WARM_FOR / WARM_EVERY_MS` of them after each miss of a
+//! stream, none after a lone miss (the first after a quiet spell: warming
+//! after it cost about 2.8 ms of CPU per lone miss, for a next miss that
+//! mostly came after the window, cold anyway), none once the sandbox stops
+//! missing (an idle sandbox costs nothing), none for a remote engine.
+//! Their CPU time is counted and logged at exit with the miss timings.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pep_common::net::PROTO_TCP;
 
@@ -27,6 +30,30 @@ use super::{
 pub const WARM_EVERY_MS: i32 = 1;
 /// How long after a miss.
 pub const WARM_FOR: Duration = Duration::from_millis(100);
+
+/// The recent misses decided by an embedded engine: whether to keep warm.
+#[derive(Debug, Default)]
+pub(super) struct Streak {
+    last: Option<Instant>,
+    prev: Option<Instant>,
+}
+
+impl Streak {
+    /// A miss was decided at `at`.
+    pub(super) fn missed(&mut self, at: Instant) {
+        self.prev = self.last.replace(at);
+    }
+
+    /// Whether, at `now`, misses are coming in a stream.
+    pub(super) fn warming(&self, now: Instant) -> bool {
+        match (self.prev, self.last) {
+            (Some(prev), Some(last)) => {
+                last.duration_since(prev) < WARM_FOR && now.saturating_duration_since(last) < WARM_FOR
+            }
+            _ => false,
+        }
+    }
+}
 
 /// This thread's CPU time, in ns.
 pub fn thread_cpu_ns() -> u64 {
@@ -92,4 +119,26 @@ pub(super) fn warm_up(s: &AskSettings) {
         context: Context::now(&s.policy_revision),
     };
     let _ = s.pdp.decide_now(&q);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_stream_of_misses_keeps_warm() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut s = Streak::default();
+        assert!(!s.warming(t0), "no miss yet");
+        s.missed(t0);
+        assert!(!s.warming(ms(1)), "a lone miss");
+        s.missed(ms(8));
+        assert!(s.warming(ms(9)), "a second miss 8 ms after the first");
+        assert!(s.warming(ms(107)));
+        assert!(!s.warming(ms(108)), "WARM_FOR after the last miss");
+        // A miss long after the stream is lone again.
+        s.missed(ms(500));
+        assert!(!s.warming(ms(501)));
+    }
 }
