@@ -162,7 +162,7 @@ pub fn on_miss(
         VERDICT_DENY,
         SOURCE_PDP,
         RULE_NONE,
-        &audit::Helpers,
+        &audit::Helpers::current(),
     );
     ev.saddr = [0; 16];
     ev.sport = 0;
@@ -277,7 +277,7 @@ pub fn on_exec_miss(
         VERDICT_DENY,
         SOURCE_PDP,
         RULE_NONE,
-        &audit::Helpers,
+        &audit::Helpers::current(),
     );
     ev.exec.op = EXEC_OP_EXEC;
     ev.exec.path_len = path_len;

@@ -57,14 +57,22 @@ pub trait Actor {
     fn exec_id(&self) -> u64;
 }
 
-/// The helpers' view of the current task.
-pub struct Helpers;
+/// The helpers' view of the current task (its address asked once: the
+/// lineage key and the exec generation's probe read both need it).
+pub struct Helpers(u64);
+
+impl Helpers {
+    #[inline(always)]
+    pub fn current() -> Self {
+        // SAFETY: plain helper call.
+        Self(unsafe { bpf_get_current_task() })
+    }
+}
 
 impl Actor for Helpers {
     #[inline(always)]
     fn task(&self) -> u64 {
-        // SAFETY: plain helper call.
-        unsafe { bpf_get_current_task() }
+        self.0
     }
 
     #[inline(always)]
@@ -90,8 +98,8 @@ impl Actor for Helpers {
 
     #[inline(always)]
     fn exec_id(&self) -> u64 {
-        // SAFETY: plain helper call; the task pointer is only probe-read.
-        kernel::task_exec_id(unsafe { bpf_get_current_task() } as *const u8)
+        // The task pointer is only probe-read.
+        kernel::task_exec_id(self.0 as *const u8)
     }
 }
 

@@ -177,7 +177,7 @@ fn try_bprm_check(ctx: &LsmContext) -> i32 {
             d.verdict,
             d.source,
             d.rule,
-            &audit::Helpers,
+            &audit::Helpers::current(),
         );
         ev.op = EXEC_OP_EXEC;
         ev.path_len = d.path_len;
@@ -282,7 +282,7 @@ fn deny_mapping(sb: &sandbox::Sandbox, d: &ExecDecision, buf: &[u8; PATH_MAX_LEN
             d.verdict,
             d.source,
             d.rule,
-            &audit::Helpers,
+            &audit::Helpers::current(),
         );
         ev.op = op;
         ev.path_len = d.path_len;

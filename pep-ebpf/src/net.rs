@@ -163,7 +163,7 @@ fn decide(
             verdict,
             source,
             rule_idx,
-            &audit::Helpers,
+            &audit::Helpers::current(),
         );
         ev.family = family;
         ev.op = op;

@@ -73,7 +73,7 @@ fn deny(sb: &sandbox::Sandbox, op: u32, target_pid: u32, arg: u64, path_len: u32
             VERDICT_DENY,
             SOURCE_DEFAULT,
             RULE_NONE,
-            &audit::Helpers,
+            &audit::Helpers::current(),
         );
         ev.op = op;
         ev.target_pid = target_pid;

@@ -57,13 +57,7 @@ impl Streak {
 
 /// This thread's CPU time, in ns.
 pub fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and a valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+    super::cache::clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 /// A held connect waits on this thread: it should run the moment a miss
