@@ -3,10 +3,13 @@
 //! 1. decision latency, p50/p99: the embedded Rego engine on an indexed
 //!    rule, and the remote engine (`pep-agent pdp serve` over loopback,
 //!    one kept-alive connection);
-//! 2. connect latency, interleaved in one run (A B C A B C ...): a cache hit
+//! 2. a cold embedded decision, p50/p99: one decision after the thread
+//!    slept, spun (busy-waited) or evicted 16 MB of data cache, against a
+//!    warm one, interleaved, on the agent's CPU;
+//! 3. connect latency, interleaved in one run (A B C A B C ...): a cache hit
 //!    (a PDP verdict in `VERDICT_CACHE`), a compiled-rule hit, and no agent
 //!    (this process, outside any sandbox);
-//! 3. kernel miss to verdict in the map, p50/p99, embedded engine (the
+//! 4. kernel miss to verdict in the map, p50/p99, embedded engine (the
 //!    run's own measurement, logged at exit, with where the time went:
 //!    kernel to receipt, building the query, the engine, writing the map),
 //!    with pinned processes in two placements (`Placement`), each with the
@@ -187,7 +190,34 @@ fn main() {
     let _ = server.kill();
     let _ = server.wait();
 
-    // 2 and 3: one sandbox under `default: ask` with the embedded engine.
+    // 2. Cold embedded decision: why a miss decided after a quiet spell is
+    // slow. On its own thread, pinned where the agent runs (the goal's
+    // placement), so the rest of the bench keeps its affinity.
+    let plans = Placement::plans();
+    let cold_cpu = plans[0].1.agent;
+    let n_cold = if quick { 20 } else { 60 };
+    let cold = std::thread::scope(|sc| {
+        sc.spawn(|| cold_decisions(&embedded, &query, cold_cpu, n_cold))
+            .join()
+            .expect("cold decisions")
+    });
+    let cold_where = cold_cpu.map_or("unpinned".to_string(), |c| format!("CPU {c}"));
+    say(format!(
+        "cold embedded decision (one decision after each preparation, interleaved, n={n_cold} each, {cold_where})"
+    ));
+    let (warm50, warm99) = (cold[0].p50, cold[0].p99);
+    for (prep, c) in COLD.iter().zip(&cold) {
+        say(format!(
+            "  {:24} p50 {:8.1} us   p99 {:8.1} us   p50 / warm p50 {:5.2}   preparation p50 {:6.2} ms",
+            prep.label(),
+            us(c.p50),
+            us(c.p99),
+            c.p50 as f64 / warm50 as f64,
+            c.prep as f64 / 1e6
+        ));
+    }
+
+    // 3 and 4: one sandbox under `default: ask` with the embedded engine.
     let rule_port = tcp_server("127.0.0.1:0").port();
     let cache_port = tcp_server("127.0.0.1:0").port();
     // Misses: many loopback addresses, one listener on all of them.
@@ -203,7 +233,6 @@ fn main() {
             rego.display()
         ),
     );
-    let plans = Placement::plans();
     let cpus = plans[0].1;
     say(format!("placement: {}", cpus.describe()));
     let rule_addr = format!("127.0.0.1:{rule_port}");
@@ -343,6 +372,21 @@ fn main() {
         ],
         "report": report});
     let mut doc = doc;
+    for (prep, c) in COLD.iter().zip(&cold) {
+        let (p50, p99) = (c.p50, c.p99);
+        let scenario = format!("decision, embedded rego, {}", prep.label());
+        let row = if matches!(prep, Prep::Warm) {
+            serde_json::json!({"scenario": scenario, "p50_ns": p50, "p99_ns": p99,
+                "note": format!("one decision right after others; baseline of the cold rows; {cold_where}")})
+        } else {
+            serde_json::json!({"scenario": scenario, "p50_ns": p50, "p99_ns": p99,
+                "baseline_p50_ns": warm50, "baseline_p99_ns": warm99,
+                "ratio_p50": p50 as f64 / warm50 as f64, "ratio_p99": p99 as f64 / warm99 as f64,
+                "note": format!("one decision after the preparation (p50 {:.2} ms); baseline: warm; {cold_where}",
+                    c.prep as f64 / 1e6)})
+        };
+        doc["rows"].as_array_mut().expect("rows").push(row);
+    }
     for (i, (label, p, tuned, m)) in miss_rows.iter().enumerate() {
         let mut scenario = "kernel miss to verdict in map, embedded rego".to_string();
         if *tuned {
@@ -379,6 +423,117 @@ fn main() {
         out.join(file),
         serde_json::to_string_pretty(&doc).unwrap_or_default(),
     );
+}
+
+/// What precedes one timed decision in the cold section.
+#[derive(Clone, Copy)]
+enum Prep {
+    /// Nothing: the decision right after others.
+    Warm,
+    /// `thread::sleep`: the vCPU may halt (a VM exit).
+    Sleep(u64),
+    /// A busy-wait: the thread never leaves its CPU, which never halts, so
+    /// whatever is lost is lost to elapsed time alone.
+    Spin(u64),
+    /// One byte written per 64-byte line of `EVICT_MB`, no wait: the data
+    /// cache evicted, hardly any time passed.
+    Evict,
+}
+
+/// The cold section's scenarios, measured round robin (one sample of each
+/// per round) so that the host's noise hits them alike; the first is the
+/// baseline.
+const COLD: [Prep; 6] = [
+    Prep::Warm,
+    Prep::Sleep(150),
+    Prep::Spin(150),
+    Prep::Sleep(5),
+    Prep::Spin(5),
+    Prep::Evict,
+];
+
+/// Eight times the development VM's L2 (2 MiB), half its L3 (32 MiB): a
+/// larger one takes milliseconds to write, which mixes elapsed time in.
+const EVICT_MB: usize = 16;
+
+impl Prep {
+    fn label(self) -> String {
+        match self {
+            Self::Warm => "warm (back-to-back)".into(),
+            Self::Sleep(ms) => format!("after {ms} ms asleep"),
+            Self::Spin(ms) => format!("after {ms} ms spinning"),
+            Self::Evict => format!("after evicting {EVICT_MB} MB"),
+        }
+    }
+
+    fn run(self, buf: &mut [u8]) {
+        match self {
+            Self::Warm => {}
+            Self::Sleep(ms) => std::thread::sleep(Duration::from_millis(ms)),
+            Self::Spin(ms) => {
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_millis(ms) {
+                    std::hint::spin_loop();
+                }
+            }
+            Self::Evict => touch(buf),
+        }
+    }
+}
+
+/// Writes one byte per 64-byte cache line of `buf`.
+fn touch(buf: &mut [u8]) {
+    for b in buf.iter_mut().step_by(64) {
+        *b = b.wrapping_add(1);
+    }
+    // Otherwise the stores, never read, may be dropped.
+    std::hint::black_box(buf);
+}
+
+/// One scenario of the cold section, in ns.
+struct Cold {
+    p50: u64,
+    p99: u64,
+    /// The preparation's own p50: the elapsed time the decision follows.
+    prep: u64,
+}
+
+/// `n` samples of one decision after each of `COLD`'s preparations, on
+/// `cpu`, per scenario.
+fn cold_decisions(engine: &Rego, query: &Query, cpu: Option<usize>, n: usize) -> Vec<Cold> {
+    if let Some(c) = cpu {
+        pin(c).expect("pin the cold decisions");
+    }
+    let decide = || {
+        let t = Instant::now();
+        let d = engine.decide_now(query).expect("embedded").expect("decide");
+        let ns = t.elapsed().as_nanos() as u64;
+        assert!(d.answer.allow, "cold decision denied");
+        ns
+    };
+    let mut buf = vec![0u8; EVICT_MB << 20];
+    // Its pages faulted in now, so that an eviction does not fault.
+    touch(&mut buf);
+    let mut lat = vec![(Vec::with_capacity(n), Vec::with_capacity(n)); COLD.len()];
+    for _ in 0..n {
+        for (prep, (lat, took)) in COLD.iter().zip(&mut lat) {
+            // Every preparation starts from the same warm state.
+            for _ in 0..10 {
+                decide();
+            }
+            let t = Instant::now();
+            prep.run(&mut buf);
+            took.push(t.elapsed().as_nanos() as u64);
+            lat.push(decide());
+        }
+    }
+    lat.into_iter()
+        .map(|(mut lat, mut took)| Cold {
+            p50: pct(&mut lat, 0.5),
+            p99: pct(&mut lat, 0.99),
+            prep: pct(&mut took, 0.5),
+        })
+        .collect()
 }
 
 /// Pins the calling thread (and what it starts later) to `cpu`.

@@ -44,7 +44,7 @@ use crate::{
         record::SandboxContext,
         sink::{Rotation, Sink},
     },
-    enforcer::{Enforcer, EnforcerError, LoadOptions, attach::Op, pinned},
+    enforcer::{Enforcer, EnforcerError, LoadOptions, attach::Op, pinned, upgrade},
 };
 
 fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
@@ -125,7 +125,16 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
 
     pin::ensure_bpffs(&cfg.pin_dir)?;
     std::fs::create_dir_all(&cfg.state_dir)?;
-    let (mut enforcer, origin) = load_enforcer(&cfg)?;
+    // Another build's pins move aside first: they enforce until this
+    // build has installed every sandbox again (`enforcer::upgrade`).
+    let retired = upgrade::retire_foreign(&cfg.pin_dir)
+        .map_err(|e| anyhow::anyhow!("{}: retiring another build's pins: {e}", cfg.pin_dir.display()))?;
+    let (mut enforcer, mut origin) = load_enforcer(&cfg)?;
+    if origin == pinned::Origin::Fresh && !retired.is_empty() {
+        origin = pinned::Origin::Replaced;
+    }
+    upgrade::write_stamp(&cfg.pin_dir)
+        .map_err(|e| anyhow::anyhow!("{}: writing the build stamp: {e}", cfg.pin_dir.display()))?;
     tracing::info!("programs {origin:?} at {}", cfg.pin_dir.display());
     if enforcer.lsm_enforced()
         && let Err(e) = enforcer.protect_only(std::process::id())
@@ -168,7 +177,15 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     .with_contexts(Arc::new(move |id| {
         lookup.read().unwrap_or_else(|e| e.into_inner()).get(&id).cloned()
     }));
-    pipeline.set_kernel_lost_seen(state::load_lost_reported(&cfg.state_dir));
+    // The saved count is of the pinned counter it was read from: freshly
+    // loaded maps count from zero.
+    let lost_reported = state::load_lost_reported(&cfg.state_dir);
+    pipeline.set_kernel_lost_seen(if origin == pinned::Origin::Adopted {
+        lost_reported
+    } else {
+        0
+    });
+    let cgroups: Vec<PathBuf> = state.sandboxes.iter().map(|r| r.cgroup.clone()).collect();
     let events = enforcer.take_events()?;
     let counters = KernelCounters::of(&enforcer)?;
     let (audit_tx, audit_rx) = mpsc::unbounded_channel();
@@ -184,6 +201,22 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         audit_tx,
     )?;
     core.adopt()?;
+    if !retired.is_empty() {
+        // This build enforces every sandbox now: the old one can go.
+        match upgrade::finish(&retired, &cgroups, lost_reported) {
+            Ok(left) => {
+                if left.undecoded > 0 {
+                    pipeline.lost(left.undecoded, "upgrade")?;
+                }
+                if left.kernel_lost > 0 {
+                    pipeline.lost(left.kernel_lost, "kernel")?;
+                }
+            }
+            // Both builds go on enforcing (stricter, never looser); the next
+            // start tries again, and `status` lists what is still retired.
+            Err(e) => tracing::error!("removing the retired build's pins: {e}"),
+        }
+    }
     let core = Arc::new(Mutex::new(core));
     metrics.watch_counters(&cfg.pin_dir);
     let audit_task = tokio::spawn(
@@ -305,10 +338,15 @@ pub fn uninstall(config_path: Option<&Path>) -> anyhow::Result<()> {
             {
                 eprintln!("pep-agent: sandbox {}: {e}", rec.name);
             }
-        } else if rec.cgroup.exists()
-            && let Err(e) = Enforcer::cgroup_op_pinned(&cfg.pin_dir, &rec.cgroup, Op::Detach)
-        {
-            eprintln!("pep-agent: sandbox {}: {e}", rec.name);
+        } else if rec.cgroup.exists() {
+            if let Err(e) = Enforcer::cgroup_op_pinned(&cfg.pin_dir, &rec.cgroup, Op::Detach) {
+                eprintln!("pep-agent: sandbox {}: {e}", rec.name);
+            }
+            for r in upgrade::retired(&cfg.pin_dir).unwrap_or_default() {
+                if let Err(e) = upgrade::detach_all(&r, &rec.cgroup) {
+                    eprintln!("pep-agent: sandbox {} ({}): {e}", rec.name, r.display());
+                }
+            }
         }
     }
     pinned::remove_pins(&cfg.pin_dir).map_err(|e| anyhow::anyhow!("{}: {e}", cfg.pin_dir.display()))?;

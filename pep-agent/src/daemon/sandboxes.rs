@@ -173,7 +173,7 @@ impl Core {
                 let _ = self.enforcer.remove_sandbox_entry(rec.cgroup_id);
                 continue;
             }
-            if self.origin == Origin::Fresh || !kernel.contains(&rec.cgroup_id) {
+            if self.origin != Origin::Adopted || !kernel.contains(&rec.cgroup_id) {
                 let id = self.state.alloc_id();
                 let owner = Peer {
                     uid: rec.owner_uid,
@@ -646,6 +646,8 @@ impl Core {
             "pid": std::process::id(),
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "origin": format!("{:?}", self.origin).to_lowercase(),
+            "build": crate::enforcer::upgrade::build_stamp(),
+            "retired": crate::enforcer::upgrade::retired(&self.cfg.pin_dir).unwrap_or_default(),
             "lsm": self.enforcer.lsm_enforced(),
             "pin_dir": self.cfg.pin_dir,
             "programs": progs,

@@ -7,6 +7,8 @@ mod loader;
 mod maps;
 /// Pinned in bpffs, for the host daemon: enforcement outlives the process.
 pub mod pinned;
+/// Taking over from pins of another build without a gap in enforcement.
+pub mod upgrade;
 
 pub use loader::{Enforcer, EnforcerError, LoadOptions, probe_lsm};
 pub use maps::SandboxSpec;

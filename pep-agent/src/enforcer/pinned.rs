@@ -71,6 +71,9 @@ pub enum Origin {
     Fresh,
     /// Found pinned by an earlier daemon and adopted as they are.
     Adopted,
+    /// Loaded now and pinned, taking over from another build's pins
+    /// (`upgrade`), which enforce until every sandbox is installed again.
+    Replaced,
 }
 
 /// The maps of the object by name, without the data maps (`.rodata`, `.bss`).
@@ -430,10 +433,14 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
 }
 
-/// Removes everything pinned under `dir` and the directory itself.
+/// Removes everything pinned under `dir`, retired builds' pins included,
+/// and the directory itself.
 pub fn remove_pins(dir: &Path) -> io::Result<()> {
     if !dir.exists() {
         return Ok(());
+    }
+    for r in super::upgrade::retired(dir)? {
+        remove_pins(&r)?;
     }
     for sub in ["links", "progs", "maps"] {
         let p = dir.join(sub);
@@ -448,5 +455,6 @@ pub fn remove_pins(dir: &Path) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     }
+    super::upgrade::remove_stamps(dir, None)?;
     fs::remove_dir(dir)
 }
