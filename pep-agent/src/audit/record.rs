@@ -78,7 +78,7 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
     /// For `audit.lost`: where they were lost (`kernel`, `agent`, `decode`,
-    /// `tailer`).
+    /// `tailer`, `upgrade`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// What this sandbox does not enforce (e.g. files without BPF LSM).
