@@ -183,3 +183,92 @@ fn pins_of_another_build_are_replaced_without_a_gap() {
     assert!(u.status.success(), "{}", describe(&u));
     assert!(!d.pin_dir.exists(), "pins left at {}", d.pin_dir.display());
 }
+
+/// Drops summed over CPUs in the `COUNTERS` map pinned under `pin_dir`.
+fn kernel_lost(pin_dir: &Path) -> u64 {
+    let path = pin_dir.join("maps/COUNTERS");
+    let data = aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let arr: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).expect("COUNTERS");
+    let v = arr
+        .get(&pep_common::event::COUNTER_LOST, 0)
+        .expect("lost counter");
+    v.iter().sum()
+}
+
+/// Kills the daemon and keeps it down, a sandboxed process hammering, until
+/// the ring buffer has overflowed: the drops the kernel counts. The hammer
+/// stops before the daemon comes back, so the daemon catches up and every
+/// drop it reports is in its log before the next kill.
+fn down_until_drops(d: &mut TestDaemon, cg: &Path, probes: &[String], what: &str) -> u64 {
+    let before = kernel_lost(&d.pin_dir);
+    d.kill9();
+    let h = Hammer::start(&d.scratch.dir, what, cg, probes);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while kernel_lost(&d.pin_dir) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the ring buffer never overflowed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // More, so that the drops are not all at the edge.
+    std::thread::sleep(Duration::from_millis(200));
+    let counts = h.finish();
+    assert_eq!(count(&counts, &probes[0], "OK"), 0, "{what}: {counts}");
+    assert!(count(&counts, &probes[0], "EPERM") > 0, "{what}: {counts}");
+    kernel_lost(&d.pin_dir) - before
+}
+
+/// Starts the daemon and waits until it has drained the ring buffer.
+fn start_and_catch_up(d: &mut TestDaemon) {
+    d.start();
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
+#[test]
+fn kernel_drops_are_reported_once_each_across_adoption_and_replacement() {
+    let denied = tcp_server("127.0.0.1:0");
+    let mut d = TestDaemon::new("dlost", &[("hammer", &policy(denied.port()))], "", false);
+    d.start();
+    let r = d.request(r#"{"op":"create","name":"hammer","policy":"hammer"}"#);
+    assert_eq!(r["ok"], true, "{r}\n{}", d.logs());
+    let cg = d.cgroup("hammer");
+    let probes = [format!("tcp:{denied}")];
+
+    // Drops while down, reported by the daemon that adopts the pins.
+    let first = down_until_drops(&mut d, &cg, &probes, "first");
+    start_and_catch_up(&mut d);
+    // Drops while down again, now over pins that look like another build's:
+    // the replacing daemon reports what the old counter holds beyond the
+    // first report, and its own fresh counter starts from zero.
+    let second = down_until_drops(&mut d, &cg, &probes, "second");
+    let old_total = kernel_lost(&d.pin_dir);
+    foreign(&d.pin_dir, Some("sha256:0000-another-build"));
+    start_and_catch_up(&mut d);
+    assert_eq!(d.request(r#"{"op":"status"}"#)["data"]["origin"], "replaced");
+    // Drops in the new build's counter: a baseline kept from the old
+    // counter would hide as many.
+    let third = down_until_drops(&mut d, &cg, &probes, "third");
+    start_and_catch_up(&mut d);
+    d.stop();
+    let new_total = kernel_lost(&d.pin_dir);
+
+    let recs = read_audit(&d.audit);
+    let reported: Vec<u64> = recs
+        .iter()
+        .filter(|r| r["action"] == "audit.lost" && r["reason"] == "kernel")
+        .map(|r| r["count"].as_u64().expect("count"))
+        .collect();
+    assert!(first > 0 && second > 0 && third > 0, "{first} {second} {third}");
+    assert_eq!(new_total, third, "drops while the daemon ran");
+    assert_eq!(
+        reported,
+        [first, second, third],
+        "kernel drops: old counter {old_total}, new counter {new_total}\n{}",
+        d.logs()
+    );
+    assert_eq!(old_total, first + second);
+    let v = d.cli(None, &["events", "verify", d.audit.to_str().expect("utf8")]);
+    assert!(v.status.success(), "{}", describe(&v));
+}

@@ -85,6 +85,10 @@ impl AuditTask {
                 _ = self.shutdown.changed() => {}
             }
             self.pipeline.kernel_lost(self.counters.lost())?;
+            self.pipeline.tick(pipeline::boot_ns())?;
+            self.pipeline.flush()?;
+            // Saved only once its `audit.lost` record is written: a daemon
+            // killed in between reports the drops again rather than never.
             let seen = self.pipeline.kernel_lost_seen();
             if seen != lost_saved {
                 if let Err(e) = state::save_lost_reported(&self.state_dir, seen) {
@@ -92,8 +96,6 @@ impl AuditTask {
                 }
                 lost_saved = seen;
             }
-            self.pipeline.tick(pipeline::boot_ns())?;
-            self.pipeline.flush()?;
             if stopping {
                 while drain(fd.get_mut(), &mut self.pipeline, &self.metrics, usize::MAX)? {}
                 while let Ok(rec) = self.records.try_recv() {

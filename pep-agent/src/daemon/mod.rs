@@ -180,11 +180,8 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // The saved count is of the pinned counter it was read from: freshly
     // loaded maps count from zero.
     let lost_reported = state::load_lost_reported(&cfg.state_dir);
-    pipeline.set_kernel_lost_seen(if origin == pinned::Origin::Adopted {
-        lost_reported
-    } else {
-        0
-    });
+    let fresh_counters = origin != pinned::Origin::Adopted;
+    pipeline.set_kernel_lost_seen(if fresh_counters { 0 } else { lost_reported });
     let cgroups: Vec<PathBuf> = state.sandboxes.iter().map(|r| r.cgroup.clone()).collect();
     let events = enforcer.take_events()?;
     let counters = KernelCounters::of(&enforcer)?;
@@ -201,21 +198,34 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         audit_tx,
     )?;
     core.adopt()?;
-    if !retired.is_empty() {
-        // This build enforces every sandbox now: the old one can go.
-        match upgrade::finish(&retired, &cgroups, lost_reported) {
-            Ok(left) => {
-                if left.undecoded > 0 {
-                    pipeline.lost(left.undecoded, "upgrade")?;
-                }
-                if left.kernel_lost > 0 {
-                    pipeline.lost(left.kernel_lost, "kernel")?;
-                }
-            }
-            // Both builds go on enforcing (stricter, never looser); the next
-            // start tries again, and `status` lists what is still retired.
-            Err(e) => tracing::error!("removing the retired build's pins: {e}"),
+    // This build enforces every sandbox now: the old one can go, once what
+    // it left unreported is in the log.
+    let left = match upgrade::detach_and_count(&retired, &cgroups, lost_reported) {
+        Ok(left) => Some(left),
+        // Both builds go on enforcing (stricter, never looser); the next
+        // start tries again, and `status` lists what is still retired.
+        Err(e) => {
+            tracing::error!("detaching the retired build's programs: {e}");
+            None
         }
+    };
+    if let Some(left) = left {
+        if left.undecoded > 0 {
+            pipeline.lost(left.undecoded, "upgrade")?;
+        }
+        if left.kernel_lost > 0 {
+            pipeline.lost(left.kernel_lost, "kernel")?;
+        }
+    }
+    if fresh_counters {
+        // The saved count was of the counter that is gone.
+        pipeline.flush()?;
+        state::save_lost_reported(&cfg.state_dir, 0)?;
+    }
+    if left.is_some()
+        && let Err(e) = upgrade::remove(&retired)
+    {
+        tracing::error!("removing the retired build's pins: {e}");
     }
     let core = Arc::new(Mutex::new(core));
     metrics.watch_counters(&cfg.pin_dir);

@@ -12,11 +12,12 @@
 //!    installs every sandbox again and attaches the new programs next to the
 //!    old ones. For that while both enforce, and an action goes through only
 //!    if both allow it.
-//! 3. `finish`: the old programs are detached from the sandboxes' cgroups.
-//!    The records still in the old ring buffer are counted, since this build
-//!    cannot decode them, and so are the drops the old kernel side counted
-//!    that no daemon reported; both become `audit.lost` records. Then the
-//!    retired pins are removed, which ends the old LSM links.
+//! 3. `detach_and_count`: the old programs are detached from the
+//!    sandboxes' cgroups. The records still in the old ring buffer are
+//!    counted, since this build cannot decode them, and so are the drops
+//!    the old kernel side counted that no daemon reported; both become
+//!    `audit.lost` records. Once those are written, `remove` drops the
+//!    retired pins, which ends the old LSM links.
 //!
 //! The build's identity is the name of an empty directory `build-<stamp>`
 //! in the pin directory, because bpffs holds no regular files (and no dot
@@ -155,9 +156,15 @@ pub struct Leftovers {
 }
 
 /// Step 3, once this build enforces every sandbox: detaches the retired
-/// programs from `cgroups`, counts what they left, and removes them.
+/// programs from `cgroups` and counts what they left. The caller writes
+/// that into the audit log before `remove` drops the pins, so a daemon
+/// killed in between counts it again rather than never.
 /// `kernel_lost_reported`: the kernel drops the last daemon reported.
-pub fn finish(retired: &[PathBuf], cgroups: &[PathBuf], kernel_lost_reported: u64) -> io::Result<Leftovers> {
+pub fn detach_and_count(
+    retired: &[PathBuf],
+    cgroups: &[PathBuf],
+    kernel_lost_reported: u64,
+) -> io::Result<Leftovers> {
     let mut left = Leftovers::default();
     for dir in retired {
         for cg in cgroups.iter().filter(|c| c.exists()) {
@@ -170,10 +177,17 @@ pub fn finish(retired: &[PathBuf], cgroups: &[PathBuf], kernel_lost_reported: u6
         if let Some(n) = kernel_lost(&dir.join("maps/COUNTERS")) {
             left.kernel_lost += n.saturating_sub(kernel_lost_reported);
         }
+    }
+    Ok(left)
+}
+
+/// Removes the retired pins, which ends the old LSM links.
+pub fn remove(retired: &[PathBuf]) -> io::Result<()> {
+    for dir in retired {
         remove_pins(dir)?;
         tracing::info!("{}: the retired build's pins are removed", dir.display());
     }
-    Ok(left)
+    Ok(())
 }
 
 /// The cgroup hooks a build of pep-agent may have attached to: every
