@@ -99,7 +99,7 @@ fn holds_pins(dir: &Path) -> bool {
 
 /// Step 1. When `dir` holds pins of another build, moves them into a new
 /// `retired-<n>/`. Returns every retired directory there is, including
-/// those of a switch-over that was cut short, for `finish`.
+/// those of a switch-over that was cut short, for `detach_and_count`.
 pub fn retire_foreign(dir: &Path) -> io::Result<Vec<PathBuf>> {
     if holds_pins(dir) && pinned_stamp(dir).as_deref() != Some(build_stamp()) {
         let n = (0..)
