@@ -278,7 +278,7 @@ mod tests {
         assert!(dir.join("retired-0/progs/connect4").exists());
         assert!(!dir.join("progs").exists());
         // Pins stamped by this build stay; the earlier retired one is still
-        // reported until `finish` removes it.
+        // reported until `remove` drops it.
         fs::create_dir_all(dir.join("maps")).expect("mkdir");
         fs::write(dir.join("maps/EVENTS"), "").expect("write");
         write_stamp(dir).expect("stamp");
