@@ -13,6 +13,7 @@ pub mod ocsf;
 pub mod pipeline;
 pub mod pump;
 pub mod record;
+pub mod ring;
 pub mod sink;
 pub mod tail;
 pub mod verify;

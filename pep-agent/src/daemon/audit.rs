@@ -7,6 +7,11 @@
 //! running waited in the pinned ring buffer and are read first; what did not
 //! fit was counted in the pinned `COUNTERS` and is reported as `audit.lost`
 //! (the count already reported is kept in the state directory).
+//!
+//! The ring buffer's consumer position moves only once what was read is in
+//! the log (`audit::ring::CommitRing`): a daemon killed with SIGKILL leaves
+//! the events it had not written for the next one. So that nothing read is
+//! held unwritten when it moves, coalescing windows also close then.
 
 use std::{
     path::PathBuf,
@@ -14,7 +19,6 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
     sync::{mpsc, watch},
@@ -23,9 +27,10 @@ use tokio::{
 use super::{metrics::Metrics, state};
 use crate::audit::{
     decode::{Decision, Verdict},
-    pipeline::{self, KernelCounters, Pipeline},
+    pipeline::{KernelCounters, Pipeline},
     pump,
     record::{Record, SandboxContext},
+    ring::CommitRing,
 };
 
 /// Sandbox id -> what its records carry; shared with the control side.
@@ -35,7 +40,7 @@ pub type Contexts = Arc<RwLock<std::collections::HashMap<u32, SandboxContext>>>;
 const BATCH: usize = 4096;
 
 pub struct AuditTask {
-    pub events: RingBuf<MapData>,
+    pub events: CommitRing,
     pub counters: KernelCounters,
     pub pipeline: Pipeline,
     pub records: mpsc::UnboundedReceiver<Record>,
@@ -68,8 +73,16 @@ impl AuditTask {
         let mut lost_saved = self.pipeline.kernel_lost_seen();
         loop {
             let stopping = *self.shutdown.borrow();
+            // The kernel wakes a reader only for a record submitted where the
+            // consumer position stood, and ours moves at commit, behind the
+            // reading: what came in since is read without waiting for a
+            // wakeup that does not come.
+            let backlog = fd.get_ref().has_unread();
             tokio::select! {
-                r = tokio::time::timeout(Duration::from_millis(50), fd.readable_mut()) => {
+                () = std::future::ready(()), if backlog => {
+                    drain(fd.get_mut(), &mut self.pipeline, &self.metrics, BATCH)?;
+                }
+                r = tokio::time::timeout(Duration::from_millis(50), fd.readable_mut()), if !backlog => {
                     if let Ok(guard) = r {
                         let mut guard = guard?;
                         let more = drain(guard.get_inner_mut(), &mut self.pipeline, &self.metrics, BATCH)?;
@@ -85,8 +98,11 @@ impl AuditTask {
                 _ = self.shutdown.changed() => {}
             }
             self.pipeline.kernel_lost(self.counters.lost())?;
-            self.pipeline.tick(pipeline::boot_ns())?;
+            // Every window closes: what was read is written before the
+            // ring's position moves past it.
+            self.pipeline.tick(0)?;
             self.pipeline.flush()?;
+            fd.get_mut().commit();
             // Saved only once its `audit.lost` record is written: a daemon
             // killed in between reports the drops again rather than never.
             let seen = self.pipeline.kernel_lost_seen();
@@ -98,6 +114,8 @@ impl AuditTask {
             }
             if stopping {
                 while drain(fd.get_mut(), &mut self.pipeline, &self.metrics, usize::MAX)? {}
+                self.pipeline.flush()?;
+                fd.get_mut().commit();
                 while let Ok(rec) = self.records.try_recv() {
                     self.pipeline.record(rec)?;
                 }
@@ -111,13 +129,13 @@ impl AuditTask {
     }
 }
 
-fn drain(rb: &mut RingBuf<MapData>, p: &mut Pipeline, m: &Metrics, max: usize) -> std::io::Result<bool> {
+fn drain(rb: &mut CommitRing, p: &mut Pipeline, m: &Metrics, max: usize) -> std::io::Result<bool> {
     let mut n = 0usize;
     while n < max {
-        let Some(item) = rb.next() else {
+        let Some(item) = rb.next_record() else {
             return Ok(false);
         };
-        match Decision::try_from(&*item) {
+        match Decision::try_from(item) {
             Ok(d) => {
                 m.decisions
                     .get_or_create(&super::metrics::DecisionLabels {

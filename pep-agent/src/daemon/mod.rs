@@ -183,7 +183,7 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let fresh_counters = origin != pinned::Origin::Adopted;
     pipeline.set_kernel_lost_seen(if fresh_counters { 0 } else { lost_reported });
     let cgroups: Vec<PathBuf> = state.sandboxes.iter().map(|r| r.cgroup.clone()).collect();
-    let events = enforcer.take_events()?;
+    let events = crate::audit::ring::CommitRing::new(enforcer.take_events_map()?)?;
     let counters = KernelCounters::of(&enforcer)?;
     let (audit_tx, audit_rx) = mpsc::unbounded_channel();
 

@@ -260,6 +260,15 @@ impl Enforcer {
         })
     }
 
+    /// The `EVENTS` ring buffer map itself, for a reader of its own
+    /// (`audit::ring::CommitRing`).
+    pub fn take_events_map(&mut self) -> Result<MapData, EnforcerError> {
+        match self.ebpf.take_map("EVENTS") {
+            Some(aya::maps::Map::RingBuf(data)) => Ok(data),
+            _ => Err(EnforcerError::NoMap("EVENTS")),
+        }
+    }
+
     /// (decisions, lost) counted by the kernel, summed over CPUs.
     pub fn counters(&self) -> Result<(u64, u64), EnforcerError> {
         let map = self
