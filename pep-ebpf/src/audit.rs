@@ -58,7 +58,8 @@ pub trait Actor {
 }
 
 /// The helpers' view of the current task (its address asked once: the
-/// lineage key and the exec generation's probe read both need it).
+/// lineage key and the exec generation's probe read both need it). For the
+/// cgroup programs; the LSM programs use `typed::Task`.
 pub struct Helpers(u64);
 
 impl Helpers {

@@ -58,7 +58,7 @@ use crate::{
     ask::{self, ExecMiss},
     audit,
     file::{BEST, EPERM, INODE_RULES, PATH_SCRATCH, answer, walk_keys},
-    kernel, sandbox, vfs,
+    kernel, sandbox, typed, vfs,
 };
 
 #[map]
@@ -177,7 +177,7 @@ fn try_bprm_check(ctx: &LsmContext) -> i32 {
             d.verdict,
             d.source,
             d.rule,
-            &audit::Helpers::current(),
+            &typed::Task::current(),
         );
         ev.op = EXEC_OP_EXEC;
         ev.path_len = d.path_len;
@@ -282,7 +282,7 @@ fn deny_mapping(sb: &sandbox::Sandbox, d: &ExecDecision, buf: &[u8; PATH_MAX_LEN
             d.verdict,
             d.source,
             d.rule,
-            &audit::Helpers::current(),
+            &typed::Task::current(),
         );
         ev.op = op;
         ev.path_len = d.path_len;

@@ -33,7 +33,7 @@ use pep_common::event::{
 use crate::{
     audit,
     file::{EPERM, PATH_SCRATCH},
-    kernel, sandbox, vfs,
+    kernel, sandbox, typed, vfs,
 };
 
 /// Protected processes by tgid (pep-agent itself): no signals, no ptrace
@@ -73,7 +73,7 @@ fn deny(sb: &sandbox::Sandbox, op: u32, target_pid: u32, arg: u64, path_len: u32
             VERDICT_DENY,
             SOURCE_DEFAULT,
             RULE_NONE,
-            &audit::Helpers::current(),
+            &typed::Task::current(),
         );
         ev.op = op;
         ev.target_pid = target_pid;

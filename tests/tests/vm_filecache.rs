@@ -257,7 +257,8 @@ fn the_mount_tree_cannot_be_changed_or_reached_around() {
 /// second thread, uid and gid after a change of credentials, comm, the
 /// cgroup, the parent, and the program (`exe`) after an exec without a
 /// fork. Checked against what the process says of itself, for
-/// a decision made by resolving the path and for one answered by the cache.
+/// a decision made by resolving the path and for one answered by the cache;
+/// and the exec record of that exec, which names the process before it.
 #[test]
 fn records_name_the_acting_process() {
     let s = Scratch::new("fcache-who");
@@ -335,4 +336,32 @@ fn records_name_the_acting_process() {
         assert_eq!(r["verdict"], "allow", "{r}");
     }
     assert_eq!((uid, gid), (65534, 65533), "setpriv changed the credentials");
+    // The exec record of python3 names the process that made the exec:
+    // setpriv, the same pid, its credentials already changed, its comm not
+    // yet replaced (`bprm_check_security` runs before the exec commits).
+    let execs: Vec<&serde_json::Value> = recs
+        .iter()
+        .filter(|r| r["action"] == "exec" && r["exec"]["path"] == exe)
+        .collect();
+    assert_eq!(execs.len(), 1, "one exec of {exe}: {execs:#?}");
+    let pr = &execs[0]["process"];
+    let got = [
+        &pr["pid"],
+        &pr["tid"],
+        &pr["ppid"],
+        &pr["uid"],
+        &pr["gid"],
+        &pr["cgroup_id"],
+    ]
+    .map(|v| {
+        v.as_u64()
+            .unwrap_or_else(|| panic!("field missing in {}", execs[0]))
+    });
+    assert_eq!(
+        got,
+        [pid, pid, ppid, uid, gid, cgroup_id],
+        "exec record: {}",
+        execs[0]
+    );
+    assert_eq!(pr["comm"], "setpriv", "{}", execs[0]);
 }
