@@ -252,6 +252,31 @@ impl TestDaemon {
     }
 }
 
+impl TestDaemon {
+    /// The kernel counters pinned in its `pin_dir` (they outlive the daemon).
+    pub fn counters(&self) -> pep_agent::audit::pipeline::KernelCounters {
+        let path = self.pin_dir.join("maps/COUNTERS");
+        let data = aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        pep_agent::audit::pipeline::KernelCounters::from_map(&data)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// `pep-agent daemon --uninstall`, which must succeed and leave no pins.
+    pub fn uninstall(&self) {
+        let u = self.cli(
+            None,
+            &[
+                "daemon",
+                "--uninstall",
+                "--config",
+                self.config.to_str().expect("utf8"),
+            ],
+        );
+        assert!(u.status.success(), "{}", crate::describe(&u));
+        assert!(!self.pin_dir.exists(), "pins left at {}", self.pin_dir.display());
+    }
+}
+
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.kill9();
@@ -266,6 +291,11 @@ impl Drop for TestDaemon {
         }
         let _ = pep_agent::enforcer::pinned::remove_pins(&self.pin_dir);
     }
+}
+
+/// How many times a hammer's `probe` came out as `outcome` (`OK`, `EPERM`...).
+pub fn count(v: &serde_json::Value, probe: &str, outcome: &str) -> u64 {
+    v[probe][outcome].as_u64().unwrap_or(0)
 }
 
 /// A process that runs `tests/scripts/daemon_hammer.py` over `probes`

@@ -18,10 +18,6 @@ fn deny_policy(port: u16, extra_deny: Option<u16>) -> String {
     p
 }
 
-fn count(v: &serde_json::Value, probe: &str, outcome: &str) -> u64 {
-    v[probe][outcome].as_u64().unwrap_or(0)
-}
-
 #[test]
 fn sigkill_leaves_sandboxes_enforced_and_a_restart_adopts_them() {
     let allowed = tcp_server("127.0.0.1:0");
@@ -93,17 +89,7 @@ fn sigkill_leaves_sandboxes_enforced_and_a_restart_adopts_them() {
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "seq has holes");
 
     // Uninstall removes all pinned state and the sandbox.
-    let u = d.cli(
-        None,
-        &[
-            "daemon",
-            "--uninstall",
-            "--config",
-            d.config.to_str().expect("utf8"),
-        ],
-    );
-    assert!(u.status.success(), "{}", describe(&u));
-    assert!(!d.pin_dir.exists(), "pins left at {}", d.pin_dir.display());
+    d.uninstall();
     assert!(!cg.exists(), "cgroup left");
 }
 

@@ -4,19 +4,9 @@
 //! killed daemon may leave its last batch to be written again by the next
 //! one, never unwritten.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
-use pep_common::event::{COUNTER_DECISIONS, COUNTER_LOST};
 use pep_tests::{daemon::*, *};
-
-/// A counter summed over CPUs in the `COUNTERS` map pinned under `pin_dir`.
-fn counter(pin_dir: &Path, index: u32) -> u64 {
-    let path = pin_dir.join("maps/COUNTERS");
-    let data = aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let arr: aya::maps::PerCpuArray<_, u64> =
-        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).expect("COUNTERS");
-    arr.get(&index, 0).expect("counter").iter().sum()
-}
 
 /// Most events a daemon reads before it writes them and moves the ring
 /// buffer's position (the audit task's batch).
@@ -47,13 +37,13 @@ fn sigkill_mid_flood_loses_no_decision_from_the_log() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let counts = h.finish();
-    assert_eq!(counts[&probes[0]]["OK"].as_u64().unwrap_or(0), 0, "{counts}");
+    assert_eq!(count(&counts, &probes[0], "OK"), 0, "{counts}");
     // Caught up, then stopped (SIGTERM writes everything it read).
     std::thread::sleep(Duration::from_millis(1500));
     d.stop();
 
-    let decisions = counter(&d.pin_dir, COUNTER_DECISIONS);
-    let dropped = counter(&d.pin_dir, COUNTER_LOST);
+    let counters = d.counters();
+    let (decisions, dropped) = (counters.decisions(), counters.lost());
     let recs = read_audit(&d.audit);
     let recorded: u64 = recs
         .iter()

@@ -16,10 +16,6 @@ fn policy(denied: u16) -> String {
     )
 }
 
-fn count(v: &serde_json::Value, probe: &str, outcome: &str) -> u64 {
-    v[probe][outcome].as_u64().unwrap_or(0)
-}
-
 /// The ids of the programs pinned under `pin_dir/progs`.
 fn pinned_ids(pin_dir: &Path) -> Vec<u32> {
     let mut ids: Vec<u32> = std::fs::read_dir(pin_dir.join("progs"))
@@ -171,29 +167,7 @@ fn pins_of_another_build_are_replaced_without_a_gap() {
     let seqs: Vec<u64> = recs.iter().map(|r| r["seq"].as_u64().expect("seq")).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "seq has holes");
 
-    let u = d.cli(
-        None,
-        &[
-            "daemon",
-            "--uninstall",
-            "--config",
-            d.config.to_str().expect("utf8"),
-        ],
-    );
-    assert!(u.status.success(), "{}", describe(&u));
-    assert!(!d.pin_dir.exists(), "pins left at {}", d.pin_dir.display());
-}
-
-/// Drops summed over CPUs in the `COUNTERS` map pinned under `pin_dir`.
-fn kernel_lost(pin_dir: &Path) -> u64 {
-    let path = pin_dir.join("maps/COUNTERS");
-    let data = aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let arr: aya::maps::PerCpuArray<_, u64> =
-        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).expect("COUNTERS");
-    let v = arr
-        .get(&pep_common::event::COUNTER_LOST, 0)
-        .expect("lost counter");
-    v.iter().sum()
+    d.uninstall();
 }
 
 /// Kills the daemon and keeps it down, a sandboxed process hammering, until
@@ -201,11 +175,11 @@ fn kernel_lost(pin_dir: &Path) -> u64 {
 /// stops before the daemon comes back, so the daemon catches up and every
 /// drop it reports is in its log before the next kill.
 fn down_until_drops(d: &mut TestDaemon, cg: &Path, probes: &[String], what: &str) -> u64 {
-    let before = kernel_lost(&d.pin_dir);
+    let before = d.counters().lost();
     d.kill9();
     let h = Hammer::start(&d.scratch.dir, what, cg, probes);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while kernel_lost(&d.pin_dir) == before {
+    while d.counters().lost() == before {
         assert!(
             std::time::Instant::now() < deadline,
             "{what}: the ring buffer never overflowed"
@@ -217,7 +191,7 @@ fn down_until_drops(d: &mut TestDaemon, cg: &Path, probes: &[String], what: &str
     let counts = h.finish();
     assert_eq!(count(&counts, &probes[0], "OK"), 0, "{what}: {counts}");
     assert!(count(&counts, &probes[0], "EPERM") > 0, "{what}: {counts}");
-    kernel_lost(&d.pin_dir) - before
+    d.counters().lost() - before
 }
 
 /// Starts the daemon and waits until it has drained the ring buffer.
@@ -243,7 +217,7 @@ fn kernel_drops_are_reported_once_each_across_adoption_and_replacement() {
     // the replacing daemon reports what the old counter holds beyond the
     // first report, and its own fresh counter starts from zero.
     let second = down_until_drops(&mut d, &cg, &probes, "second");
-    let old_total = kernel_lost(&d.pin_dir);
+    let old_total = d.counters().lost();
     foreign(&d.pin_dir, Some("sha256:0000-another-build"));
     start_and_catch_up(&mut d);
     assert_eq!(d.request(r#"{"op":"status"}"#)["data"]["origin"], "replaced");
@@ -252,7 +226,7 @@ fn kernel_drops_are_reported_once_each_across_adoption_and_replacement() {
     let third = down_until_drops(&mut d, &cg, &probes, "third");
     start_and_catch_up(&mut d);
     d.stop();
-    let new_total = kernel_lost(&d.pin_dir);
+    let new_total = d.counters().lost();
 
     let recs = read_audit(&d.audit);
     let reported: Vec<u64> = recs

@@ -9,6 +9,15 @@ use std::time::Duration;
 
 use pep_tests::{daemon::*, *};
 
+/// Denies connects to `port` on 127.0.0.1 and reads and writes of `secret`.
+fn policy(port: u16, secret: &std::path::Path) -> String {
+    format!(
+        "apiVersion: pep/v1\nname: vm\nnetwork:\n  default: allow\n  rules:\n    - deny: {{ cidr: 127.0.0.1/32, ports: [{port}] }}\n\
+         files:\n  default: allow\n  rules:\n    - deny: {{ path: \"{}\", access: [read, write] }}\n",
+        secret.display()
+    )
+}
+
 #[test]
 fn sigkill_keeps_file_and_network_rules_enforced() {
     // The daemon itself (`lsm: on`) says why, if the LSM programs do not load.
@@ -22,12 +31,7 @@ fn sigkill_keeps_file_and_network_rules_enforced() {
     let files = Scratch::new("vmdaemon-files");
     let secret = files.write("secret.txt", "s");
     let open = files.write("open.txt", "o");
-    let policy = format!(
-        "apiVersion: pep/v1\nname: vm\nnetwork:\n  default: allow\n  rules:\n    - deny: {{ cidr: 127.0.0.1/32, ports: [{}] }}\n\
-         files:\n  default: allow\n  rules:\n    - deny: {{ path: \"{}\", access: [read, write] }}\n",
-        denied.port(),
-        secret.display()
-    );
+    let policy = policy(denied.port(), &secret);
     let mut d = TestDaemon::new("vmdaemon", &[("vm", &policy)], "lsm: on\n", false);
     d.start();
     let r = d.request(r#"{"op":"create","name":"vm","policy":"vm"}"#);
@@ -83,12 +87,7 @@ fn another_builds_lsm_links_are_replaced_without_a_gap() {
     let files = Scratch::new("vmupgrade-files");
     let secret = files.write("secret.txt", "s");
     let open = files.write("open.txt", "o");
-    let policy = format!(
-        "apiVersion: pep/v1\nname: vm\nnetwork:\n  default: allow\n  rules:\n    - deny: {{ cidr: 127.0.0.1/32, ports: [{}] }}\n\
-         files:\n  default: allow\n  rules:\n    - deny: {{ path: \"{}\", access: [read, write] }}\n",
-        denied.port(),
-        secret.display()
-    );
+    let policy = policy(denied.port(), &secret);
     let mut d = TestDaemon::new("vmupgrade", &[("vm", &policy)], "lsm: on\n", false);
     d.start();
     let r = d.request(r#"{"op":"create","name":"vm","policy":"vm"}"#);

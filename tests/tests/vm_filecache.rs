@@ -252,6 +252,13 @@ fn the_mount_tree_cannot_be_changed_or_reached_around() {
     );
 }
 
+/// A record's process ids: pid, tid, ppid, uid, gid, cgroup id.
+fn ids(r: &serde_json::Value) -> [u64; 6] {
+    let pr = &r["process"];
+    ["pid", "tid", "ppid", "uid", "gid", "cgroup_id"]
+        .map(|f| pr[f].as_u64().unwrap_or_else(|| panic!("{f} missing in {r}")))
+}
+
 /// A file record names who opened the file, read from the task (`typed::Task`
 /// in pep-ebpf, plain loads rather than helper calls): pid and tid of a
 /// second thread, uid and gid after a change of credentials, comm, the
@@ -321,16 +328,7 @@ fn records_name_the_acting_process() {
     );
     for (r, want_tid) in mine.iter().zip([pid, pid, tid]) {
         let pr = &r["process"];
-        let got = [
-            &pr["pid"],
-            &pr["tid"],
-            &pr["ppid"],
-            &pr["uid"],
-            &pr["gid"],
-            &pr["cgroup_id"],
-        ]
-        .map(|v| v.as_u64().unwrap_or_else(|| panic!("field missing in {r}")));
-        assert_eq!(got, [pid, want_tid, ppid, uid, gid, cgroup_id], "record: {r}");
+        assert_eq!(ids(r), [pid, want_tid, ppid, uid, gid, cgroup_id], "record: {r}");
         assert_eq!(pr["comm"], "python3", "{r}");
         assert_eq!(pr["exe"], exe, "{r}");
         assert_eq!(r["verdict"], "allow", "{r}");
@@ -345,20 +343,8 @@ fn records_name_the_acting_process() {
         .collect();
     assert_eq!(execs.len(), 1, "one exec of {exe}: {execs:#?}");
     let pr = &execs[0]["process"];
-    let got = [
-        &pr["pid"],
-        &pr["tid"],
-        &pr["ppid"],
-        &pr["uid"],
-        &pr["gid"],
-        &pr["cgroup_id"],
-    ]
-    .map(|v| {
-        v.as_u64()
-            .unwrap_or_else(|| panic!("field missing in {}", execs[0]))
-    });
     assert_eq!(
-        got,
+        ids(execs[0]),
         [pid, pid, ppid, uid, gid, cgroup_id],
         "exec record: {}",
         execs[0]

@@ -33,11 +33,11 @@ use std::{
     sync::OnceLock,
 };
 
-use aya::maps::{Map, MapData, PerCpuArray, RingBuf};
-use pep_common::event::COUNTER_LOST;
+use aya::maps::{Map, MapData, RingBuf};
 use sha2::{Digest as _, Sha256};
 
 use super::pinned::{attached_ids, obj_get, prog_id, remove_pins};
+use crate::audit::pipeline::KernelCounters;
 
 /// The prefix of the directory that names the build of what is pinned.
 const STAMP: &str = "build-";
@@ -234,9 +234,7 @@ fn count_ring(path: &Path) -> Option<u64> {
 /// this build's shape.
 fn kernel_lost(path: &Path) -> Option<u64> {
     let data = MapData::from_pin(path).ok()?;
-    let arr: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data)).ok()?;
-    let v = arr.get(&COUNTER_LOST, 0).ok()?;
-    Some(v.iter().copied().fold(0, u64::wrapping_add))
+    Some(KernelCounters::from_map(&data).ok()?.lost())
 }
 
 #[cfg(test)]
