@@ -3,6 +3,8 @@
 
 /// A test's own `pep-agent daemon` (issue 6).
 pub mod daemon;
+/// A `pep-agent pdp serve` of a test's own (the remote PDP).
+pub mod pdp;
 
 use std::{
     io::{Read as _, Write as _},

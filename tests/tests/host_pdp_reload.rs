@@ -100,7 +100,7 @@ fn a_reload_that_changes_answers_makes_older_verdicts_misses() {
     );
     settings.revision = standalone::STANDALONE_REVISION;
     let t = task::spawn(
-        settings,
+        Some(settings),
         maps,
         asks,
         tx,

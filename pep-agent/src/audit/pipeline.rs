@@ -269,7 +269,14 @@ impl Pipeline {
                 ppid: h.ppid,
                 image: &h.exe,
             });
-            let mut rec = record::build(self.chain.clock(), &r.decision, &self.sctx, exe);
+            // The daemon's records name their own sandbox, as decisions do.
+            let ctx = self.contexts.as_ref().and_then(|f| f(h.sandbox_id));
+            let mut rec = record::build(
+                self.chain.clock(),
+                &r.decision,
+                ctx.as_ref().unwrap_or(&self.sctx),
+                exe,
+            );
             rec.pdp = Some(r.pdp);
             if let Some(feed) = &self.dns_feed {
                 feed.annotate(&r.decision, &mut rec);

@@ -23,7 +23,10 @@ use std::{
     collections::HashMap,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock, atomic::Ordering},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -186,6 +189,18 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let events = crate::audit::ring::CommitRing::new(enforcer.take_events_map()?)?;
     let counters = KernelCounters::of(&enforcer)?;
     let (audit_tx, audit_rx) = mpsc::unbounded_channel();
+    // One ask thread for every sandbox whose policy asks a PDP; it serves
+    // none until `Core` installs or adopts them. Misses the kernel queued
+    // while no daemon ran are answered first, if their connects still wait.
+    let (ask_maps, asks) = enforcer.take_ask()?;
+    let (ask_tx, ask_rx) = mpsc::unbounded_channel();
+    let origins = crate::pdp::task::CacheOrigins::default();
+    pipeline.set_pdp_feed(crate::pdp::task::PdpFeed {
+        records: ask_rx,
+        origins: origins.clone(),
+    });
+    let ask_stop = Arc::new(AtomicBool::new(false));
+    let ask = crate::pdp::task::spawn_paused(ask_maps, asks, ask_tx, origins, ask_stop.clone())?;
 
     let mut core = Core::new(
         cfg.clone(),
@@ -196,8 +211,10 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         contexts,
         metrics.clone(),
         audit_tx,
+        ask,
     )?;
     core.adopt()?;
+    core.resume_asking();
     // This build enforces every sandbox now: the old one can go, once what
     // it left unreported is in the log.
     let left = match upgrade::detach_and_count(&retired, &cgroups, lost_reported) {
@@ -317,6 +334,12 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // enforced; the next daemon adopts them.
     notify::notify("STOPPING=1");
     metrics.ready.store(false, Ordering::SeqCst);
+    // The ask thread first: the records of what it answered reach the
+    // audit task before that stops.
+    {
+        let mut c = core.lock().await;
+        tokio::task::block_in_place(|| c.stop_asking(&ask_stop));
+    }
     let _ = shutdown_tx.send(true);
     match tokio::time::timeout(Duration::from_secs(10), audit_task).await {
         Ok(Ok(Ok(()))) => {}
@@ -350,6 +373,9 @@ pub fn uninstall(config_path: Option<&Path>) -> anyhow::Result<()> {
             }
         } else if rec.cgroup.exists() {
             if let Err(e) = Enforcer::cgroup_op_pinned(&cfg.pin_dir, &rec.cgroup, Op::Detach) {
+                eprintln!("pep-agent: sandbox {}: {e}", rec.name);
+            }
+            if let Err(e) = Enforcer::ask_op_pinned(&cfg.pin_dir, &rec.cgroup, Op::Detach) {
                 eprintln!("pep-agent: sandbox {}: {e}", rec.name);
             }
             for r in upgrade::retired(&cfg.pin_dir).unwrap_or_default() {

@@ -7,7 +7,7 @@
 //! with the new rules); then the old id's rules are deleted. An action
 //! denied by both policies is denied at every instant.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use pep_common::{
     file::{ExecRuleValue, FileRuleKey, FileRuleValue, InodeKey},
@@ -18,16 +18,30 @@ use super::{config::Config, state::PolicySource};
 use crate::{
     compiler::{self, net::CompiledNet},
     enforcer::{Enforcer, EnforcerError, SandboxSpec},
+    pdp::{standalone, task::AskSettings},
     policy::{self, Mode, Policy},
 };
 
 pub struct Compiled {
     pub revision: String,
+    /// How the sandbox asks its PDP, if its policy asks.
+    pub ask: Option<AskPlan>,
     pub config: SandboxConfig,
     pub net: CompiledNet,
     pub files: Vec<(FileRuleKey, FileRuleValue)>,
     pub exec: Vec<(FileRuleKey, ExecRuleValue)>,
     pub inodes: Vec<(InodeKey, FileRuleValue)>,
+}
+
+/// How a sandbox whose policy asks a PDP (`network.default: ask`,
+/// `exec.default: ask`) asks it: served by the daemon's one ask task
+/// (`pdp::task::AskTask::serve`) under the generation's sandbox id.
+#[derive(Clone)]
+pub struct AskPlan {
+    /// The sandbox's name is left empty: the caller knows it.
+    pub settings: AskSettings,
+    /// `ASK_FLAG_*`.
+    pub flags: u32,
 }
 
 fn needs_lsm(p: &Policy) -> bool {
@@ -37,15 +51,9 @@ fn needs_lsm(p: &Policy) -> bool {
         || p.exec.default == policy::Verdict::Deny
 }
 
-/// Reads, validates and compiles the policy of `source` for sandbox id `id`.
-pub fn compile(
-    cfg: &Config,
-    source: &PolicySource,
-    home: &Path,
-    mode: Option<Mode>,
-    id: u32,
-    lsm: bool,
-) -> Result<Compiled, String> {
+/// Reads and validates the policy of `source` (its PDP part included: the
+/// engine builds, a rules query's sections replace the file's).
+fn load(cfg: &Config, source: &PolicySource, home: &Path) -> Result<(PathBuf, Policy), String> {
     let path = match source {
         PolicySource::Named(n) => cfg
             .policies
@@ -57,12 +65,44 @@ pub fn compile(
     let ctx = policy::LoadContext::new(home.to_path_buf());
     let mut policy = policy::load_file(&path, &ctx).map_err(|e| e.to_string())?;
     crate::pdp::check_policy(&mut policy, &ctx.home).map_err(|e| format!("{}: {e}", path.display()))?;
-    if crate::pdp::standalone::asks(&policy) {
-        return Err(format!(
-            "{}: policies that ask a PDP are not served by the daemon yet; use `pep-agent run` as root",
-            path.display()
-        ));
+    Ok((path, policy))
+}
+
+fn ask_plan(path: &Path, policy: &Policy, id: u32) -> Result<Option<AskPlan>, String> {
+    if !standalone::asks(policy) {
+        return Ok(None);
     }
+    let pdp = crate::pdp::build_engine(policy).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Some(AskPlan {
+        settings: standalone::settings(pdp, policy, id, ""),
+        flags: standalone::ask_flags(policy),
+    }))
+}
+
+/// The ask plan of the policy of `source` for sandbox id `id`, without
+/// compiling its rules: a restarted daemon that adopted the sandbox's
+/// rules as they are pinned still has to ask for it.
+pub fn plan_only(
+    cfg: &Config,
+    source: &PolicySource,
+    home: &Path,
+    id: u32,
+) -> Result<Option<AskPlan>, String> {
+    let (path, policy) = load(cfg, source, home)?;
+    ask_plan(&path, &policy, id)
+}
+
+/// Reads, validates and compiles the policy of `source` for sandbox id `id`.
+pub fn compile(
+    cfg: &Config,
+    source: &PolicySource,
+    home: &Path,
+    mode: Option<Mode>,
+    id: u32,
+    lsm: bool,
+) -> Result<Compiled, String> {
+    let (path, policy) = load(cfg, source, home)?;
+    let ask = ask_plan(&path, &policy, id)?;
     if needs_lsm(&policy) && !lsm {
         return Err(format!(
             "{}: files/exec rules need BPF LSM, which this daemon has not loaded ({})",
@@ -79,6 +119,7 @@ pub fn compile(
     let mode = mode.unwrap_or(policy.mode);
     Ok(Compiled {
         revision: policy.revision().to_string(),
+        ask,
         config: SandboxConfig {
             sandbox_id: id,
             mode: mode.to_kernel(),

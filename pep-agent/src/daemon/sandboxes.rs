@@ -5,12 +5,14 @@
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, atomic::AtomicBool},
     time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+
+use pep_common::ask::DEFAULT_HOLD_SYNCNT;
 
 use super::{
     audit::Contexts,
@@ -18,13 +20,14 @@ use super::{
     config::Config,
     metrics::Metrics,
     protocol::{self as proto, Request, Response, SandboxInfo},
-    reload::{self, Compiled},
+    reload::{self, AskPlan, Compiled},
     state::{PolicySource, SandboxRecord, State},
 };
 use crate::{
     audit::record::{Record, SandboxContext},
     enforcer::{Enforcer, attach::Op, pinned::Origin},
     kernel::cgroup,
+    pdp::task::AskTask,
     policy::Mode,
 };
 
@@ -62,6 +65,9 @@ pub struct Core {
     contexts: Contexts,
     metrics: Arc<Metrics>,
     audit: mpsc::UnboundedSender<Record>,
+    /// Asks the PDPs of the sandboxes whose policies ask; `None` once
+    /// stopped.
+    ask: Option<AskTask>,
     started: Instant,
 }
 
@@ -88,6 +94,7 @@ impl Core {
         contexts: Contexts,
         metrics: Arc<Metrics>,
         audit: mpsc::UnboundedSender<Record>,
+        ask: AskTask,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             cfg,
@@ -99,8 +106,56 @@ impl Core {
             contexts,
             metrics,
             audit,
+            ask: Some(ask),
             started: Instant::now(),
         })
+    }
+
+    /// Once every adopted sandbox is served: the ask thread reads misses.
+    pub fn resume_asking(&self) {
+        if let Some(t) = &self.ask {
+            t.resume();
+        }
+    }
+
+    /// Stops the ask thread (daemon shutdown): what it has answered is
+    /// already in the maps and its records with the audit task.
+    pub fn stop_asking(&mut self, stop: &AtomicBool) {
+        if let Some(t) = self.ask.take() {
+            t.stop(stop);
+        }
+    }
+
+    /// Before generation `id` of sandbox `name` is installed: if its policy
+    /// asks (`plan`), the ask task serves the generation's sandbox id
+    /// (`carry_from`: the generation it replaces, whose cached verdicts it
+    /// keeps if the PDP's answers cannot have changed) and the holding
+    /// programs are attached to its cgroup, so that its first miss is held
+    /// and asked.
+    fn serve_ask(
+        &self,
+        name: &str,
+        cgroup: &Path,
+        id: u32,
+        plan: Option<&AskPlan>,
+        carry_from: Option<u32>,
+    ) -> Result<(), Fail> {
+        let (Some(plan), Some(task)) = (plan, &self.ask) else {
+            return Ok(());
+        };
+        let mut settings = plan.settings.clone();
+        settings.sandbox_name = name.to_owned();
+        settings.sandbox_id = id;
+        let (revision, carried) = task
+            .serve(settings, plan.flags, DEFAULT_HOLD_SYNCNT, carry_from)
+            .map_err(failed)?;
+        Enforcer::ask_op_pinned(self.pin_dir(), cgroup, Op::Attach).map_err(failed)?;
+        tracing::info!(
+            "sandbox {name}: asking {} for sandbox id {} (verdict cache revision {revision}, {carried} verdicts carried over)",
+            plan.settings.pdp.engine(),
+            id
+        );
+        Ok(())
     }
 
     fn pin_dir(&self) -> &Path {
@@ -140,6 +195,12 @@ impl Core {
 
     fn gc(&mut self) {
         let live = self.live_ids();
+        if let Some(t) = &self.ask {
+            let n = t.retain(&live);
+            if n > 0 {
+                tracing::debug!("stopped asking for {n} retired generations");
+            }
+        }
         match self.enforcer.gc_rules(&live) {
             Ok(n) if n > 0 => tracing::debug!("removed {n} rules of retired generations"),
             Ok(_) => {}
@@ -189,6 +250,8 @@ impl Core {
                     self.enforcer.lsm_enforced(),
                 ) {
                     Ok(c) => {
+                        self.serve_ask(&rec.name, &rec.cgroup, id, c.ask.as_ref(), None)
+                            .map_err(|f| anyhow::anyhow!(f.msg))?;
                         reload::install(&mut self.enforcer, rec.cgroup_id, rec.level, &c)?;
                         rec.sandbox_id = id;
                         rec.revision = c.revision.clone();
@@ -201,6 +264,8 @@ impl Core {
                         continue;
                     }
                 }
+            } else {
+                self.adopt_ask(&rec);
             }
             Enforcer::cgroup_op_pinned(&self.cfg.pin_dir, &rec.cgroup, Op::Attach)?;
             self.set_context(&rec);
@@ -218,6 +283,31 @@ impl Core {
         self.gc();
         self.state.save(&self.cfg.state_dir)?;
         Ok(())
+    }
+
+    /// A sandbox adopted with its rules as they are pinned: if its policy
+    /// asks, the ask task serves it again, keeping the pinned revision (and
+    /// so every verdict cached before the restart). If its policy no longer
+    /// loads, nothing asks for it: its misses are denied (its held connects
+    /// destroyed) until a reload installs a good one.
+    fn adopt_ask(&self, rec: &SandboxRecord) {
+        let home = Peer {
+            uid: rec.owner_uid,
+            gid: 0,
+            pid: 0,
+        }
+        .home();
+        let plan = match reload::plan_only(&self.cfg, &rec.policy, &home, rec.sandbox_id) {
+            Ok(Some(p)) => p,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!("sandbox {}: {e}; its PDP misses are denied", rec.name);
+                return;
+            }
+        };
+        if let Err(f) = self.serve_ask(&rec.name, &rec.cgroup, rec.sandbox_id, Some(&plan), None) {
+            tracing::error!("sandbox {}: asking its PDP: {}", rec.name, f.msg);
+        }
     }
 
     /// Handles one request from `peer`.
@@ -320,6 +410,7 @@ impl Core {
         // Saved first: a daemon that dies halfway still knows the sandbox.
         self.save()?;
         let res = (|| -> Result<(), Fail> {
+            self.serve_ask(&rec.name, &rec.cgroup, c.config.sandbox_id, c.ask.as_ref(), None)?;
             reload::install(&mut self.enforcer, rec.cgroup_id, rec.level, c).map_err(failed)?;
             Enforcer::cgroup_op_pinned(self.pin_dir(), &rec.cgroup, Op::Attach).map_err(failed)?;
             if let Some(pid) = pid {
@@ -495,10 +586,14 @@ impl Core {
             let _ = std::fs::write(rec.cgroup.join("cgroup.kill"), "1");
             wait_empty(&rec.cgroup);
         }
-        if rec.cgroup.exists()
-            && let Err(e) = Enforcer::cgroup_op_pinned(self.pin_dir(), &rec.cgroup, Op::Detach)
-        {
-            tracing::warn!("sandbox {name}: detach: {e}");
+        if rec.cgroup.exists() {
+            if let Err(e) = Enforcer::cgroup_op_pinned(self.pin_dir(), &rec.cgroup, Op::Detach) {
+                tracing::warn!("sandbox {name}: detach: {e}");
+            }
+            // Attached only if it ever asked: not attached is no error.
+            if let Err(e) = Enforcer::ask_op_pinned(self.pin_dir(), &rec.cgroup, Op::Detach) {
+                tracing::warn!("sandbox {name}: detach: {e}");
+            }
         }
         self.enforcer
             .remove_sandbox_entry(rec.cgroup_id)
@@ -585,7 +680,10 @@ impl Core {
         self.cfg = cfg;
         let mut out = Vec::new();
         for (i, c) in &compiled {
-            let (cg_id, level) = (self.state.sandboxes[*i].cgroup_id, self.state.sandboxes[*i].level);
+            let r = &self.state.sandboxes[*i];
+            let (cg_id, level) = (r.cgroup_id, r.level);
+            let (name, cgroup, old) = (r.name.clone(), r.cgroup.clone(), r.sandbox_id);
+            self.serve_ask(&name, &cgroup, c.config.sandbox_id, c.ask.as_ref(), Some(old))?;
             reload::install(&mut self.enforcer, cg_id, level, c).map_err(failed)?;
             let rec = &mut self.state.sandboxes[*i];
             let old = rec.sandbox_id;
@@ -642,6 +740,7 @@ impl Core {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         let (decisions, lost) = self.enforcer.counters().unwrap_or((0, 0));
+        let asking = self.ask.as_ref().map(AskTask::serving).unwrap_or_default();
         json!({
             "pid": std::process::id(),
             "uptime_s": self.started.elapsed().as_secs_f64(),
@@ -654,6 +753,7 @@ impl Core {
             "sandboxes": self.state.sandboxes.iter().map(|s| json!({
                 "name": s.name, "policy": s.policy.to_string(), "revision": s.revision,
                 "sandbox_id": s.sandbox_id, "owner_uid": s.owner_uid,
+                "asks_pdp": asking.contains(&s.sandbox_id),
             })).collect::<Vec<_>>(),
             "counters": {"decisions": decisions, "lost": lost},
             "ready": self.metrics.ready.load(std::sync::atomic::Ordering::SeqCst),

@@ -28,7 +28,7 @@ use aya::{
         Array, HashMap, MapData,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupSockAddr, Lsm, links::FdLink},
+    programs::{CgroupSkb, CgroupSockAddr, Lsm, SockOps, links::FdLink},
 };
 use pep_common::{
     file::{ExecRuleValue, FileRuleKey, FileRuleValue, InodeKey},
@@ -41,6 +41,7 @@ use super::{
     loader::{LSM_PROGRAMS, NET_PROGRAMS},
 };
 use crate::kernel::btf::{self, KernelBtf};
+use crate::pdp::kernel::ASK_PROGRAMS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinnedError {
@@ -145,6 +146,7 @@ impl Enforcer {
             }
             Origin::Fresh
         };
+        this.load_ask_pinned(dir)?;
         if lsm_pinned(dir) {
             lsm = true;
         } else if opts.lsm {
@@ -152,6 +154,37 @@ impl Enforcer {
             lsm = true;
         }
         Ok((Self::from_parts(this.ebpf, lsm), origin))
+    }
+
+    /// The programs that hold a connect while the PDP is asked
+    /// (`pdp::kernel`), pinned beside the network programs and attached
+    /// only to the cgroups of sandboxes that ask (`ask_op_pinned`).
+    fn load_ask_pinned(&mut self, dir: &Path) -> Result<(), PinnedError> {
+        if ASK_PROGRAMS.iter().all(|(n, _)| pinned(dir, "progs", n).exists()) {
+            return Ok(());
+        }
+        for (name, _) in ASK_PROGRAMS {
+            let _ = fs::remove_file(pinned(dir, "progs", name));
+        }
+        let (name, _) = ASK_PROGRAMS[0];
+        let p: &mut SockOps = program(self, name)?;
+        p.load()
+            .map_err(|source| EnforcerError::Program { name, source })?;
+        p.pin(pinned(dir, "progs", name))
+            .map_err(|source| PinnedError::Pin {
+                what: name.into(),
+                source,
+            })?;
+        let (name, _) = ASK_PROGRAMS[1];
+        let p: &mut CgroupSkb = program(self, name)?;
+        p.load()
+            .map_err(|source| EnforcerError::Program { name, source })?;
+        p.pin(pinned(dir, "progs", name))
+            .map_err(|source| PinnedError::Pin {
+                what: name.into(),
+                source,
+            })?;
+        Ok(())
     }
 
     fn load_lsm_pinned(&mut self, dir: &Path) -> Result<(), PinnedError> {
@@ -193,36 +226,60 @@ impl Enforcer {
     /// `cgroup_path`. Attaching what is attached already is not an error, so
     /// a restarted daemon may re-assert its sandboxes without doubling them.
     pub fn cgroup_op_pinned(dir: &Path, cgroup_path: &Path, op: attach::Op) -> Result<(), PinnedError> {
-        let cg = fs::File::open(cgroup_path).map_err(io_err(cgroup_path))?;
-        for (name, attach_type) in NET_PROGRAMS.iter().zip(attach::NET_ATTACH_TYPES) {
-            let path = pinned(dir, "progs", name);
-            let fd = obj_get(&path).map_err(io_err(&path))?;
-            if matches!(op, attach::Op::Attach) {
-                // The kernel refuses a second copy of one program (EINVAL on
-                // recent kernels, EEXIST on older ones): ask what is there.
-                let id = prog_id(fd.as_fd()).map_err(io_err(&path))?;
-                if attached_ids(cg.as_fd(), attach_type)
-                    .map_err(io_err(cgroup_path))?
-                    .contains(&id)
-                {
-                    continue;
-                }
-            }
-            match attach::cgroup(op, cg.as_fd(), fd.as_fd(), attach_type) {
-                Ok(()) => {}
-                Err(e) if matches!(op, attach::Op::Attach) && e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) if matches!(op, attach::Op::Detach) && e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => {
-                    return Err(PinnedError::Io {
-                        path: PathBuf::from(format!("{} ({name}, {op:?})", cgroup_path.display())),
-                        source: e,
-                    });
-                }
-            }
-        }
-        Ok(())
+        let net: Vec<(&str, u32)> = NET_PROGRAMS
+            .iter()
+            .copied()
+            .zip(attach::NET_ATTACH_TYPES)
+            .collect();
+        op_pinned(dir, cgroup_path, op, &net)
     }
 
+    /// Attaches (or detaches) the pinned programs that hold connects to the
+    /// cgroup of a sandbox that asks; attach before its network programs,
+    /// so that a connect they hold is held. As idempotent as
+    /// `cgroup_op_pinned`.
+    pub fn ask_op_pinned(dir: &Path, cgroup_path: &Path, op: attach::Op) -> Result<(), PinnedError> {
+        op_pinned(dir, cgroup_path, op, &ASK_PROGRAMS)
+    }
+}
+
+fn op_pinned(
+    dir: &Path,
+    cgroup_path: &Path,
+    op: attach::Op,
+    programs: &[(&str, u32)],
+) -> Result<(), PinnedError> {
+    let cg = fs::File::open(cgroup_path).map_err(io_err(cgroup_path))?;
+    for &(name, attach_type) in programs {
+        let path = pinned(dir, "progs", name);
+        let fd = obj_get(&path).map_err(io_err(&path))?;
+        if matches!(op, attach::Op::Attach) {
+            // The kernel refuses a second copy of one program (EINVAL on
+            // recent kernels, EEXIST on older ones): ask what is there.
+            let id = prog_id(fd.as_fd()).map_err(io_err(&path))?;
+            if attached_ids(cg.as_fd(), attach_type)
+                .map_err(io_err(cgroup_path))?
+                .contains(&id)
+            {
+                continue;
+            }
+        }
+        match attach::cgroup(op, cg.as_fd(), fd.as_fd(), attach_type) {
+            Ok(()) => {}
+            Err(e) if matches!(op, attach::Op::Attach) && e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) if matches!(op, attach::Op::Detach) && e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => {
+                return Err(PinnedError::Io {
+                    path: PathBuf::from(format!("{} ({name}, {op:?})", cgroup_path.display())),
+                    source: e,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Enforcer {
     /// The sandbox entries in `SANDBOXES`.
     pub fn sandbox_entries(&self) -> Result<Vec<(u64, SandboxConfig)>, EnforcerError> {
         let map = self

@@ -84,6 +84,26 @@ impl AskMaps {
         self.cache.insert(key, entry, 0)
     }
 
+    /// Copies the live verdicts of sandbox id `from` stamped `from_revision`
+    /// to sandbox id `to`, stamped `to_revision`, with their expiry: a new
+    /// generation of a sandbox whose PDP answers alike. Returns how many.
+    pub fn carry(&mut self, from: u32, from_revision: u32, to: u32, to_revision: u32) -> usize {
+        let now = boot_ns();
+        let live: Vec<(VerdictKey, VerdictEntry)> = self
+            .cache
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| k.sandbox_id == from && v.revision == from_revision && v.expires_ns > now)
+            .collect();
+        let mut n = 0;
+        for (mut k, mut v) in live {
+            k.sandbox_id = to;
+            v.revision = to_revision;
+            n += usize::from(self.cache.insert(k, v, 0).is_ok());
+        }
+        n
+    }
+
     /// The entry for `key`, live or not.
     pub fn get(&self, key: &VerdictKey) -> Option<VerdictEntry> {
         self.cache.get(key, 0).ok()

@@ -19,6 +19,12 @@ pub const EGRESS_PROGRAM: &str = "ask_egress";
 /// `enum bpf_attach_type`: BPF_CGROUP_INET_EGRESS, BPF_CGROUP_SOCK_OPS.
 const ATTACH_EGRESS: u32 = 1;
 const ATTACH_SOCK_OPS: u32 = 3;
+/// The programs that hold a connect, with their attach types: the sock_ops
+/// program first (`enforcer::pinned` loads them in this order).
+pub const ASK_PROGRAMS: [(&str, u32); 2] = [
+    (SOCK_OPS_PROGRAM, ATTACH_SOCK_OPS),
+    (EGRESS_PROGRAM, ATTACH_EGRESS),
+];
 
 /// The maps the PDP task owns.
 pub struct AskMaps {
@@ -85,10 +91,7 @@ impl Enforcer {
             path: cgroup_path.display().to_string(),
             source,
         })?;
-        for (name, attach_type) in [
-            (SOCK_OPS_PROGRAM, ATTACH_SOCK_OPS),
-            (EGRESS_PROGRAM, ATTACH_EGRESS),
-        ] {
+        for (name, attach_type) in ASK_PROGRAMS {
             let prog = self.ebpf.program(name).ok_or(EnforcerError::Program {
                 name,
                 source: ProgramError::UnexpectedProgramType,

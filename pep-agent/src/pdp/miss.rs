@@ -16,6 +16,14 @@ pub enum Miss {
 }
 
 impl Miss {
+    /// The sandbox (generation) id whose miss this is.
+    pub fn sandbox_id(&self) -> u32 {
+        match self {
+            Miss::Net(e) => e.key.sandbox_id,
+            Miss::Exec(e) => e.key.sandbox_id,
+        }
+    }
+
     /// Decodes one ring-buffer item (`None`, logged, if malformed).
     pub fn read(item: &[u8]) -> Option<Self> {
         fn read_as<T: Copy>(item: &[u8]) -> Option<T> {

@@ -105,11 +105,10 @@ pub fn start(
     pipeline.set_pdp_feed(PdpFeed {
         records: rx,
         origins: origins.clone(),
-        engine: pdp.engine(),
     });
     let mut settings = settings(pdp, policy, sandbox_id, sandbox_name);
     settings.revision = STANDALONE_REVISION;
-    Ok(task::spawn(settings, maps, asks, tx, origins, stop)?)
+    Ok(task::spawn(Some(settings), maps, asks, tx, origins, stop)?)
 }
 
 /// How sandbox `sandbox_id` asks under `policy` (revision left 0: the

@@ -1,4 +1,4 @@
-//! The PDP task of `pep-agent run`: reads misses from the kernel's `ASKS`
+//! The PDP task of `pep-agent run` and of the host daemon: reads misses from the kernel's `ASKS`
 //! ring buffer, asks the PDP, writes the verdict into `VERDICT_CACHE`, then
 //! releases (allow) or destroys (deny) a held connect, and hands one audit
 //! record per ask to the audit pipeline.
@@ -8,6 +8,12 @@
 //! query struct (`Pdp::decide_now`), so a verdict is in the map without a
 //! thread hop or a JSON document; a remote one is asked on tokio. Each ask
 //! is timed by stage (`AskTiming`).
+//!
+//! Many sandboxes: each asks with its own settings (engine, TTL,
+//! `on_unavailable`), found by the miss's sandbox id; `pep-agent run` has
+//! one, the host daemon one per asking sandbox generation (`AskTask::serve`,
+//! `AskTask::retain`). A miss of a sandbox id without settings (its
+//! generation just retired) is denied: fail closed.
 //!
 //! Reload: `AskTask::reload` swaps the engine and bumps the verdict cache's
 //! revision stamp when the PDP's answers may have changed (`revision`).
@@ -29,6 +35,7 @@
 //! written (`ExecAskEvent`), and its record is an exec record.
 
 use std::{
+    collections::{HashMap, HashSet},
     os::fd::AsRawFd as _,
     sync::{
         Arc, Mutex, RwLock,
@@ -39,7 +46,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use pep_common::{
-    ask::{ACTION_NET_CONNECT, ASK_ALLOWED_NOW, ASK_DENIED_NOW, ASK_HELD, AskEvent, VerdictKey},
+    ask::{ACTION_NET_CONNECT, ASK_ALLOWED_NOW, ASK_DENIED_NOW, ASK_HELD, AskEvent, AskSandbox, VerdictKey},
     event::VERDICT_ALLOW,
     net::PROTO_TCP,
 };
@@ -93,10 +100,10 @@ pub use super::origins::CacheOrigins;
 
 /// The running task's shared state.
 struct Shared {
-    /// Replaced whole on reload; each ask works with the snapshot it
-    /// started with, so a verdict is stamped with the revision of the
-    /// engine that gave it.
-    settings: RwLock<Arc<AskSettings>>,
+    /// By sandbox id. Each is replaced whole on reload; an ask works with
+    /// the snapshot it started with, so a verdict is stamped with the
+    /// revision of the engine that gave it.
+    settings: RwLock<HashMap<u32, Arc<AskSettings>>>,
     maps: Mutex<AskMaps>,
     origins: CacheOrigins,
     records: mpsc::UnboundedSender<AskRecord>,
@@ -105,6 +112,8 @@ struct Shared {
     /// took, in ns.
     warmed: AtomicU64,
     warm_cpu_ns: AtomicU64,
+    /// The thread reads no miss until this is set (`AskTask::resume`).
+    reading: AtomicBool,
 }
 
 /// Where the time of one ask went, in ns, each stage from the end of the
@@ -144,18 +153,22 @@ impl AskTask {
     /// keeps every cached verdict. Returns the revision now in force.
     pub fn reload(&self, new: AskSettings) -> Result<u32, aya::maps::MapError> {
         let revision = {
-            let mut cur = self.shared.settings.write().unwrap_or_else(|e| e.into_inner());
+            let mut all = self.shared.settings.write().unwrap_or_else(|e| e.into_inner());
+            let sandbox_id = new.sandbox_id;
+            let (cur_fp, cur_rev) = all
+                .get(&sandbox_id)
+                .map_or((None, 0), |c| (Some(c.fingerprint.clone()), c.revision));
             let mut new = new;
-            new.revision = if new.fingerprint == cur.fingerprint {
-                cur.revision
+            new.revision = if cur_fp.as_deref() == Some(new.fingerprint.as_str()) {
+                cur_rev
             } else {
                 // Never 0: a zeroed entry must not match.
-                cur.revision.wrapping_add(1).max(1)
+                cur_rev.wrapping_add(1).max(1)
             };
-            let bumped = new.revision != cur.revision;
+            let bumped = new.revision != cur_rev;
             let revision = new.revision;
-            let sandbox_id = new.sandbox_id;
-            *cur = Arc::new(new);
+            self.shared.origins.set_engine(sandbox_id, new.pdp.engine());
+            all.insert(sandbox_id, Arc::new(new));
             if !bumped {
                 return Ok(revision);
             }
@@ -169,13 +182,110 @@ impl AskTask {
         Ok(revision)
     }
 
+    /// Starts asking for sandbox `settings.sandbox_id` about `flags`
+    /// (`ASK_FLAG_*`): its settings first, then its `ASK_SANDBOXES` entry,
+    /// from which on its misses are held and asked. The revision stamp is
+    /// the one its kernel entry has (a restarted daemon keeps every cached
+    /// verdict) or 1. With `carry_from`, the generation this one replaces:
+    /// if the PDP's answers cannot have changed (same fingerprint), its
+    /// live cached verdicts are copied to this generation, so that a reload
+    /// which changes nothing the PDP answers from asks nothing again.
+    /// Returns the revision and how many verdicts were carried over.
+    pub fn serve(
+        &self,
+        settings: AskSettings,
+        flags: u32,
+        syncnt: u32,
+        carry_from: Option<u32>,
+    ) -> Result<(u32, usize), aya::maps::MapError> {
+        let id = settings.sandbox_id;
+        let mut all = self.shared.settings.write().unwrap_or_else(|e| e.into_inner());
+        let mut maps = self.shared.maps.lock().unwrap_or_else(|e| e.into_inner());
+        let kernel = maps.sandboxes.get(&id, 0).ok();
+        let revision = kernel.map_or(1, |k| k.revision.max(1));
+        let mut settings = settings;
+        settings.revision = revision;
+        let carried = match carry_from.and_then(|old| all.get(&old).map(|s| (old, s.clone()))) {
+            Some((old, prev)) if prev.fingerprint == settings.fingerprint => {
+                let n = maps.carry(old, prev.revision, id, revision);
+                self.shared.origins.carry(old, id);
+                n
+            }
+            _ => 0,
+        };
+        self.shared.origins.set_engine(id, settings.pdp.engine());
+        all.insert(id, Arc::new(settings));
+        maps.sandboxes.insert(
+            id,
+            AskSandbox {
+                revision,
+                flags,
+                syncnt,
+                _pad: 0,
+            },
+            0,
+        )?;
+        Ok((revision, carried))
+    }
+
+    /// Stops asking for every sandbox id not in `live`: their kernel
+    /// entries go first (their misses fall back to the sandbox default),
+    /// then their settings. Returns how many went.
+    pub fn retain(&self, live: &HashSet<u32>) -> usize {
+        let mut maps = self.shared.maps.lock().unwrap_or_else(|e| e.into_inner());
+        let dead: Vec<u32> = maps
+            .sandboxes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !live.contains(id))
+            .collect();
+        for id in &dead {
+            let _ = maps.sandboxes.remove(id);
+        }
+        drop(maps);
+        let mut all = self.shared.settings.write().unwrap_or_else(|e| e.into_inner());
+        let before = all.len();
+        all.retain(|id, _| live.contains(id));
+        dead.len().max(before - all.len())
+    }
+
+    /// The sandbox ids asking now.
+    pub fn serving(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .shared
+            .settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Lets a paused task (`spawn_paused`) read misses.
+    pub fn resume(&self) {
+        self.shared.reading.store(true, Ordering::SeqCst);
+        self.join.thread().unpark();
+    }
+
+    /// Asks no longer: the thread ends within `POLL_MS`.
+    pub fn stop(self, stop: &AtomicBool) {
+        stop.store(true, Ordering::SeqCst);
+        self.join.thread().unpark();
+        let _ = self.join.join();
+    }
+
     /// The revision stamp verdicts are written with now.
+    /// (Of the first sandbox: `pep-agent run` has one.)
     pub fn revision(&self) -> u32 {
         self.shared
             .settings
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .revision
+            .values()
+            .next()
+            .map_or(0, |s| s.revision)
     }
 
     /// Keep-warm decisions made so far, and the CPU time they took (ns).
@@ -202,21 +312,52 @@ impl AskTask {
 /// scheduled); a remote one is asked concurrently on the caller's tokio
 /// runtime.
 pub fn spawn(
-    settings: AskSettings,
+    settings: Option<AskSettings>,
     maps: AskMaps,
     asks: RingBuf<MapData>,
     records: mpsc::UnboundedSender<AskRecord>,
     origins: CacheOrigins,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<AskTask> {
+    spawn_inner(settings, maps, asks, records, origins, stop, false)
+}
+
+/// `spawn`, but the thread reads no miss until `AskTask::resume`: the host
+/// daemon first serves every sandbox it adopts, so that the misses the
+/// kernel queued while no daemon ran find their settings.
+pub fn spawn_paused(
+    maps: AskMaps,
+    asks: RingBuf<MapData>,
+    records: mpsc::UnboundedSender<AskRecord>,
+    origins: CacheOrigins,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<AskTask> {
+    spawn_inner(None, maps, asks, records, origins, stop, true)
+}
+
+fn spawn_inner(
+    settings: Option<AskSettings>,
+    maps: AskMaps,
+    asks: RingBuf<MapData>,
+    records: mpsc::UnboundedSender<AskRecord>,
+    origins: CacheOrigins,
+    stop: Arc<AtomicBool>,
+    paused: bool,
+) -> std::io::Result<AskTask> {
+    let mut all = HashMap::new();
+    if let Some(s) = settings {
+        origins.set_engine(s.sandbox_id, s.pdp.engine());
+        all.insert(s.sandbox_id, Arc::new(s));
+    }
     let shared = Arc::new(Shared {
-        settings: RwLock::new(Arc::new(settings)),
+        settings: RwLock::new(all),
         maps: Mutex::new(maps),
         origins: origins.clone(),
         records,
         timings: Mutex::new(Vec::new()),
         warmed: AtomicU64::new(0),
         warm_cpu_ns: AtomicU64::new(0),
+        reading: AtomicBool::new(!paused),
     });
     let rt = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
     let s = shared.clone();
@@ -231,8 +372,21 @@ pub fn spawn(
 }
 
 impl Shared {
-    fn settings(&self) -> Arc<AskSettings> {
-        self.settings.read().unwrap_or_else(|e| e.into_inner()).clone()
+    fn settings_of(&self, sandbox_id: u32) -> Option<Arc<AskSettings>> {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&sandbox_id)
+            .cloned()
+    }
+
+    fn any_settings(&self) -> Option<Arc<AskSettings>> {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .next()
+            .cloned()
     }
 }
 
@@ -245,13 +399,20 @@ fn read_asks(
     stop: &AtomicBool,
     rt: &tokio::runtime::Handle,
 ) {
+    while !shared.reading.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+        std::thread::park_timeout(Duration::from_millis(POLL_MS as u64));
+    }
     boost_priority();
-    warm_up(&shared.settings());
+    if let Some(s) = shared.any_settings() {
+        warm_up(&s);
+    }
     let fd = asks.as_raw_fd();
     let mut last_sweep = Instant::now();
     let mut exes = ExeCache::default();
-    // The misses decided by an embedded engine.
+    // The misses decided by an embedded engine, and the sandbox of the
+    // last one (what the keep-warm decides for).
     let mut streak = Streak::default();
+    let mut last_asked: Option<Arc<AskSettings>> = None;
     while !stop.load(Ordering::SeqCst) {
         let warming = streak.warming(Instant::now());
         let mut pfd = libc::pollfd {
@@ -263,8 +424,11 @@ fn read_asks(
         let cpu = thread_cpu_ns();
         // SAFETY: one valid pollfd; the ring buffer keeps its fd open.
         let rc = unsafe { libc::poll(&mut pfd, 1, timeout) };
-        if rc == 0 && warming {
-            keep_warm(shared, cpu);
+        if rc == 0
+            && warming
+            && let Some(s) = &last_asked
+        {
+            keep_warm(shared, s, cpu);
         }
         if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             tracing::error!("poll on the ask ring: {}", std::io::Error::last_os_error());
@@ -277,13 +441,18 @@ fn read_asks(
             };
             let received_ns = boot_ns();
             let Some(miss) = miss else { continue };
-            let Some(ask) = Ask::new(shared.settings(), miss, received_ns, &mut exes) else {
+            let Some(settings) = shared.settings_of(miss.sandbox_id()) else {
+                orphan(shared, miss);
+                continue;
+            };
+            let Some(ask) = Ask::new(settings, miss, received_ns, &mut exes) else {
                 continue;
             };
             let query_ns = boot_ns();
             let started = Instant::now();
             match ask.settings.pdp.decide_now(&ask.query) {
                 Some(result) => {
+                    last_asked = Some(ask.settings.clone());
                     finish(shared, ask, result, started.elapsed(), query_ns);
                     streak.missed(Instant::now());
                 }
@@ -309,11 +478,57 @@ fn read_asks(
     }
 }
 
+/// The PDP of a sandbox id nobody serves: unavailable, so `deny`.
+struct Orphaned;
+
+impl Pdp for Orphaned {
+    fn engine(&self) -> &'static str {
+        "none"
+    }
+
+    fn decide<'a>(&'a self, _input: &'a Value) -> super::DecideFuture<'a> {
+        Box::pin(async { Err(orphaned()) })
+    }
+
+    fn decide_now(&self, _query: &Query) -> Option<Result<PdpDecision, PdpError>> {
+        Some(Err(orphaned()))
+    }
+}
+
+fn orphaned() -> PdpError {
+    PdpError::Unavailable("no PDP serves this sandbox generation (it has been replaced or removed)".into())
+}
+
+/// A miss of a sandbox id without settings: a connect held by a generation
+/// that a reload or a removal retired while it waited. Denied (a held
+/// connect is destroyed), with a record that says why.
+fn orphan(shared: &Shared, miss: Miss) {
+    let id = miss.sandbox_id();
+    tracing::warn!("pdp: a miss of sandbox id {id}, which no PDP serves: denied");
+    let settings = Arc::new(AskSettings {
+        pdp: Arc::new(Orphaned),
+        sandbox_id: id,
+        sandbox_name: String::new(),
+        policy_revision: String::new(),
+        fingerprint: String::new(),
+        revision: 0,
+        cache_ttl_s: 0,
+        on_unavailable: OnUnavailable::Deny,
+        stale_window_s: 0,
+        budget: Duration::ZERO,
+    });
+    let received_ns = boot_ns();
+    let Some(ask) = Ask::new(settings, miss, received_ns, &mut ExeCache::default()) else {
+        return;
+    };
+    finish(shared, ask, Err(orphaned()), Duration::ZERO, received_ns);
+}
+
 /// One throwaway decision (`warm_up`) and a verdict-cache lookup, the
 /// paths a miss takes. Its cost is the thread's CPU time since `cpu_before`
 /// (taken before the wait, so the timed-out wait's wakeup counts too).
-fn keep_warm(shared: &Shared, cpu_before: u64) {
-    warm_up(&shared.settings());
+fn keep_warm(shared: &Shared, settings: &AskSettings, cpu_before: u64) {
+    warm_up(settings);
     let _ = shared
         .maps
         .lock()
@@ -498,6 +713,7 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
     }
     // The verdict goes into the cache before the connect is released, so
     // the retransmitted SYN, and every later connect, sees it.
+    let mut ended = false;
     {
         let mut maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ttl) = cache_ttl
@@ -508,7 +724,13 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
         if let Target::Net { ev, daddr } = &target
             && disposition == ASK_HELD
         {
-            release_or_destroy(&mut maps, ev, out.allow, *daddr);
+            // Its mark goes when the socket closes: the connect gave up
+            // (its SYN retries ran out, say while no daemon ran) or was
+            // closed before this answer.
+            ended = maps.pending.get(&ev.cookie, 0).is_err();
+            if !ended {
+                release_or_destroy(&mut maps, ev, out.allow, *daddr);
+            }
         }
     }
     let written_ns = boot_ns();
@@ -525,6 +747,7 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
 
     let is_tcp_connect = key.action == ACTION_NET_CONNECT && key.protocol == u32::from(PROTO_TCP);
     let (verdict, attempt) = match disposition {
+        ASK_HELD if ended => (false, "held, ended before the answer"),
         ASK_HELD => (out.allow, "held"),
         ASK_DENIED_NOW => (false, "denied while asking"),
         ASK_ALLOWED_NOW => (out.allow && is_tcp_connect, "allowed (audit mode) while asking"),
@@ -666,7 +889,6 @@ fn release_or_destroy(maps: &mut AskMaps, ev: &AskEvent, allow: bool, daddr: std
 pub struct PdpFeed {
     pub records: mpsc::UnboundedReceiver<AskRecord>,
     pub origins: CacheOrigins,
-    pub engine: &'static str,
 }
 
 impl PdpFeed {
@@ -676,6 +898,6 @@ impl PdpFeed {
 
     /// The `pdp` object of a `source: cache` decision (`None` otherwise).
     pub fn annotate(&self, d: &Decision) -> Option<Value> {
-        self.origins.annotate(d, self.engine)
+        self.origins.annotate(d)
     }
 }
