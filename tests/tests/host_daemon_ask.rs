@@ -5,7 +5,8 @@
 //! verdict enforced and a connect nobody can answer fails within the SYN
 //! retries instead of hanging or going through; restarted, it adopts the
 //! sandbox and asks again; a reload keeps the verdicts it cannot have
-//! changed and drops the ones it can.
+//! changed and drops the ones it can; `pep-agent run` through the daemon
+//! asks in a sandbox of its own.
 
 use std::{
     os::unix::process::CommandExt as _,
@@ -412,9 +413,59 @@ fn a_reload_that_changes_the_rego_asks_again() {
     expect("the new deny, cached", a, "EPERM");
     expect("newly allowed", b, "OK");
 
+    // `pep-agent run` through the daemon: the same policy in a sandbox of
+    // its own, a generation with nothing cached, asks for each destination
+    // (separated by `;`: one process, two connects, then the cache).
+    let script = probe_script();
+    let (ps, pa, pb) = (script.to_str().expect("utf8"), a.to_string(), b.to_string());
+    let out = d.cli(
+        None,
+        &[
+            "run",
+            "--policy",
+            "embedded",
+            "--name",
+            "job",
+            "--",
+            "python3",
+            ps,
+            "tcp",
+            "127.0.0.1",
+            &pb,
+            ";",
+            "tcp",
+            "127.0.0.1",
+            &pa,
+            ";",
+            "tcp",
+            "127.0.0.1",
+            &pa,
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", describe(&out), d.logs());
+    // "tcp RESULT MS" per connect.
+    let results: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .collect();
+    assert_eq!(
+        results,
+        ["OK", "ECONNABORTED", "EPERM"],
+        "{}\n{}",
+        describe(&out),
+        d.logs()
+    );
+
     delete(&d, "embedded");
     d.stop();
     let recs = assert_chain(&d);
+    let job_a = connects(&recs, "job", a);
+    assert_eq!(
+        outcomes(&job_a),
+        want(&[("pdp", "deny"), ("cache", "deny")]),
+        "{job_a:#?}"
+    );
+    assert_eq!(outcomes(&connects(&recs, "job", b)), want(&[("pdp", "allow")]));
     let ra = connects(&recs, "embedded", a);
     assert_eq!(
         outcomes(&ra),

@@ -44,6 +44,10 @@ pub struct AuditTask {
     pub counters: KernelCounters,
     pub pipeline: Pipeline,
     pub records: mpsc::UnboundedReceiver<Record>,
+    /// The ask thread has sent a record (`pdp::task::spawn_paused`): it is
+    /// written now, not at the next ring-buffer wakeup, so that the window
+    /// in which a SIGKILL could lose an answered ask's record stays short.
+    pub pdp_wake: Arc<tokio::sync::Notify>,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
     pub state_dir: PathBuf,
@@ -95,6 +99,7 @@ impl AuditTask {
                     }
                 }
                 Some(rec) = self.records.recv() => self.pipeline.record(rec)?,
+                () = self.pdp_wake.notified() => {}
                 _ = self.shutdown.changed() => {}
             }
             self.pipeline.kernel_lost(self.counters.lost())?;

@@ -200,7 +200,15 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         origins: origins.clone(),
     });
     let ask_stop = Arc::new(AtomicBool::new(false));
-    let ask = crate::pdp::task::spawn_paused(ask_maps, asks, ask_tx, origins, ask_stop.clone())?;
+    let pdp_wake = Arc::new(tokio::sync::Notify::new());
+    let ask = crate::pdp::task::spawn_paused(
+        ask_maps,
+        asks,
+        ask_tx,
+        pdp_wake.clone(),
+        origins,
+        ask_stop.clone(),
+    )?;
 
     let mut core = Core::new(
         cfg.clone(),
@@ -252,6 +260,7 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             counters,
             pipeline,
             records: audit_rx,
+            pdp_wake,
             shutdown: shutdown.clone(),
             metrics: metrics.clone(),
             state_dir: cfg.state_dir.clone(),

@@ -114,6 +114,9 @@ struct Shared {
     warm_cpu_ns: AtomicU64,
     /// The thread reads no miss until this is set (`AskTask::resume`).
     reading: AtomicBool,
+    /// Told of every record sent, so that the daemon writes it at once
+    /// rather than at its next ring-buffer wakeup.
+    wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Where the time of one ask went, in ns, each stage from the end of the
@@ -319,27 +322,29 @@ pub fn spawn(
     origins: CacheOrigins,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<AskTask> {
-    spawn_inner(settings, maps, asks, records, origins, stop, false)
+    spawn_inner(settings, maps, asks, (records, None), origins, stop, false)
 }
 
 /// `spawn`, but the thread reads no miss until `AskTask::resume`: the host
 /// daemon first serves every sandbox it adopts, so that the misses the
 /// kernel queued while no daemon ran find their settings.
+/// Each record sent is announced on `wake`.
 pub fn spawn_paused(
     maps: AskMaps,
     asks: RingBuf<MapData>,
     records: mpsc::UnboundedSender<AskRecord>,
+    wake: Arc<tokio::sync::Notify>,
     origins: CacheOrigins,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<AskTask> {
-    spawn_inner(None, maps, asks, records, origins, stop, true)
+    spawn_inner(None, maps, asks, (records, Some(wake)), origins, stop, true)
 }
 
 fn spawn_inner(
     settings: Option<AskSettings>,
     maps: AskMaps,
     asks: RingBuf<MapData>,
-    records: mpsc::UnboundedSender<AskRecord>,
+    (records, wake): (mpsc::UnboundedSender<AskRecord>, Option<Arc<tokio::sync::Notify>>),
     origins: CacheOrigins,
     stop: Arc<AtomicBool>,
     paused: bool,
@@ -358,6 +363,7 @@ fn spawn_inner(
         warmed: AtomicU64::new(0),
         warm_cpu_ns: AtomicU64::new(0),
         reading: AtomicBool::new(!paused),
+        wake,
     });
     let rt = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
     let s = shared.clone();
@@ -782,6 +788,9 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
         },
     };
     let _ = shared.records.send(AskRecord { decision, pdp });
+    if let Some(w) = &shared.wake {
+        w.notify_one();
+    }
 }
 
 /// The record's `pdp` object for an answer.
