@@ -122,3 +122,31 @@ pub struct ExecAskEvent {
     pub disposition: u32,
     pub _pad: u32,
 }
+
+/// `ASK_APPLIED` key: one miss as the ring buffer carries it, its kernel
+/// timestamp and the socket cookie (a held or sent connect) or the pid and
+/// tid (an exec).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AppliedKey {
+    pub ts_boot_ns: u64,
+    pub id: u64,
+}
+
+/// Bytes of `AppliedAnswer::pdp`.
+pub const APPLIED_PDP_LEN: usize = 1016;
+
+/// `ASK_APPLIED` value, written by the host daemon (never by a program)
+/// before it applies an answer, and removed once the answer's record is in
+/// the log: what a daemon that restarts in between needs to write that
+/// record without asking again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AppliedAnswer {
+    /// `event::VERDICT_*` of the record.
+    pub verdict: u32,
+    /// Bytes used in `pdp`.
+    pub len: u32,
+    /// The record's `pdp` object, JSON.
+    pub pdp: [u8; APPLIED_PDP_LEN],
+}

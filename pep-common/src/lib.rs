@@ -26,6 +26,8 @@ mod pod {
     unsafe impl aya::Pod for crate::file::InodeKey {}
     unsafe impl aya::Pod for crate::file::ExecRuleValue {}
     unsafe impl aya::Pod for crate::ask::VerdictKey {}
+    unsafe impl aya::Pod for crate::ask::AppliedKey {}
+    unsafe impl aya::Pod for crate::ask::AppliedAnswer {}
     unsafe impl aya::Pod for crate::ask::VerdictEntry {}
     unsafe impl aya::Pod for crate::ask::AskSandbox {}
     unsafe impl aya::Pod for crate::ask::AskEvent {}

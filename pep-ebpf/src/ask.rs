@@ -38,7 +38,8 @@ use aya_ebpf::{
 use pep_common::{
     ask::{
         ACTION_EXEC, ACTION_NET_CONNECT, ASK_ALLOWED_NOW, ASK_DENIED_NOW, ASK_FLAG_EXEC, ASK_FLAG_NET,
-        ASK_HELD, AskEvent, AskSandbox, ExecAskEvent, KIND_ASK, KIND_ASK_EXEC, VerdictEntry, VerdictKey,
+        ASK_HELD, AppliedAnswer, AppliedKey, AskEvent, AskSandbox, ExecAskEvent, KIND_ASK, KIND_ASK_EXEC,
+        VerdictEntry, VerdictKey,
     },
     event::{
         ARGV_LEN, COUNTER_ASK_LOST, COUNTER_CACHE_HIT, COUNTER_CACHE_MISS, EXEC_OP_EXEC, PATH_MAX_LEN,
@@ -71,6 +72,12 @@ static ASKS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// Wake the reader for every ask: a held connect waits on it, so no
 /// batching of wakeups.
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// Answers the host daemon has applied whose records may not be in its log
+/// yet (`pep_common::ask::AppliedAnswer`). Userspace alone reads and writes
+/// it; pinned, it outlives a daemon killed in between.
+#[map]
+static ASK_APPLIED: HashMap<AppliedKey, AppliedAnswer> = HashMap::with_max_entries(16384, 0);
 
 /// Scratch space for building an event off the 512-byte stack.
 #[map]

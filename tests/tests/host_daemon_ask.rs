@@ -486,3 +486,219 @@ fn a_reload_that_changes_the_rego_asks_again() {
     d.uninstall();
     assert!(!cg.exists(), "cgroup left");
 }
+
+/// The kernel's verdict-cache misses and asks it could not send, summed
+/// over CPUs, from the pinned `COUNTERS`.
+fn ask_counts(d: &TestDaemon) -> (u64, u64) {
+    use pep_agent::pdp::kernel::AskCounters;
+    let path = d.pin_dir.join("maps/COUNTERS");
+    let data = aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let AskCounters { misses, lost, .. } = AskCounters::from_map(&aya::maps::Map::PerCpuArray(data))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (misses, lost)
+}
+
+/// When a held connect sends its last SYN, in ms after the miss: the
+/// retransmits back off from one jiffy (4 ms at HZ=250: 4, 8, ... 512 ms,
+/// eight of them). An answer later than this cannot let it through. Set a
+/// little under it, for a faster HZ.
+const LAST_SYN_MS: u64 = 900;
+
+/// Allows a destination whose address ends in an even number.
+const EVEN_ADDRESSES: &str = "package pep\n\
+    default decision := false\n\
+    decision := {\"allow\": true} if {\n\
+    \tparts := split(input.resource.daddr, \".\")\n\
+    \tto_number(parts[3]) % 2 == 0\n\
+    }\n";
+
+/// The daemon is killed with SIGKILL again and again while sandboxed
+/// processes connect, each connect to a destination never asked before (so
+/// each is held and asked), and while a flood of compiled-rule denials
+/// keeps its audit task busy (so an answer's record waits to be written).
+/// Every connect ends as its PDP answer says, or, if no daemon was there
+/// to answer within the SYN retries, fails; and every connect has a record
+/// in the log whose verdict is what happened to it, never lost: written by
+/// the daemon that answered, and by a later one (`pdp.recovered`, from
+/// what the answering one kept) if that was killed before the ring buffer
+/// was given back, without asking again.
+#[test]
+fn sigkill_while_asking_loses_no_answer_and_no_record() {
+    const STREAMS: usize = 6;
+    const PER_STREAM: usize = 400;
+    const KILLS: usize = 5;
+    let port = tcp_server("0.0.0.0:0").port();
+    let flood_port = tcp_server("127.0.0.1:0").port();
+    let s = Scratch::new("dask-kill");
+    let rego = s.write("even.rego", EVEN_ADDRESSES);
+    let policy = format!(
+        "apiVersion: pep/v1\nname: asker\nnetwork:\n  default: ask\n  rules:\n    \
+         - deny: {{ cidr: 127.0.0.1/32, ports: [{flood_port}] }}\n\
+         pdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n  cache_ttl_s: 300\n",
+        rego.display()
+    );
+    let mut d = TestDaemon::new("dask-kill", &[("asker", &policy)], "", false);
+    d.start();
+    let r = d.request(r#"{"op":"create","name":"asker","policy":"asker"}"#);
+    assert_eq!(r["ok"], true, "{r}\n{}", d.logs());
+    let cg = d.cgroup("asker");
+    let flood = Hammer::start(
+        &d.scratch.dir,
+        "flood",
+        &cg,
+        &[format!("tcp:127.0.0.1:{flood_port}")],
+    );
+    let (misses0, lost0) = ask_counts(&d);
+
+    // Stream k connects to 127.(k+1).i/256.i%256: distinct destinations.
+    let target = |k: usize, i: usize| format!("127.{}.{}.{}", k + 1, i / 256, i % 256);
+    let procs = cg.join("cgroup.procs");
+    let mut streams: Vec<std::process::Child> = (0..STREAMS)
+        .map(|k| {
+            let mut cmd = Command::new("python3");
+            cmd.arg(probe_script());
+            for i in 1..=PER_STREAM {
+                cmd.args(["tcp", &target(k, i), &port.to_string(), ";"]);
+            }
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            let procs = procs.clone();
+            // SAFETY: a write(2) to a cgroup file between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || std::fs::write(&procs, "0"));
+            }
+            cmd.spawn().expect("spawn stream")
+        })
+        .collect();
+    // Each daemon is killed once it has written to the log (its first
+    // batch, so what it read first is given back), at a moment that falls
+    // anywhere in its asking.
+    let log_len = |d: &TestDaemon| std::fs::metadata(&d.audit).map_or(0, |m| m.len());
+    let mut kills_while_asking = 0;
+    for k in 0..KILLS {
+        let before = log_len(&d);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while log_len(&d) == before {
+            assert!(
+                Instant::now() < deadline,
+                "daemon {k} wrote nothing\n{}",
+                d.logs()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(40 + 37 * k as u64));
+        let asking = streams
+            .iter_mut()
+            .any(|c| c.try_wait().expect("wait stream").is_none());
+        d.kill9();
+        kills_while_asking += usize::from(asking);
+        d.start();
+    }
+    let mut outputs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for mut c in streams {
+        while c.try_wait().expect("wait stream").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "a stream of connects hangs\n{}",
+                d.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = c.wait_with_output().expect("stream output");
+        assert!(out.status.success(), "stream: {}", describe(&out));
+        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let flooded = flood.finish();
+    assert!(
+        count(&flooded, &format!("tcp:127.0.0.1:{flood_port}"), "EPERM") > 0,
+        "the flood ran: {flooded}"
+    );
+    let (misses, lost) = ask_counts(&d);
+    d.stop();
+    let recs = assert_chain(&d);
+
+    // The asked connects' records by destination (the flood's are many).
+    let mut by_addr: std::collections::HashMap<&str, Vec<&Value>> = std::collections::HashMap::new();
+    for r in recs
+        .iter()
+        .filter(|r| r["sandbox"] == "asker" && r["source"] != "rule")
+    {
+        if let Some(a) = r["net"]["daddr"].as_str() {
+            by_addr.entry(a).or_default().push(r);
+        }
+    }
+    let mut seen = 0;
+    let mut late = 0;
+    let mut recovered = 0;
+    let mut twice = 0;
+    for (k, out) in outputs.iter().enumerate() {
+        let results: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().nth(1)).collect();
+        assert_eq!(results.len(), PER_STREAM, "stream {k}: {out}");
+        for (n, res) in results.iter().enumerate() {
+            let addr = target(k, n + 1);
+            let even = (n + 1) % 256 % 2 == 0;
+            // What the PDP answers, or no answer in time.
+            let expected: &[&str] = if even {
+                &["OK", "ETIMEDOUT"]
+            } else {
+                &["ECONNABORTED", "ETIMEDOUT"]
+            };
+            assert!(expected.contains(res), "{addr}: {res}, want one of {expected:?}");
+            let mine: &[&Value] = by_addr.get(addr.as_str()).map_or(&[], Vec::as_slice);
+            assert!(
+                !mine.is_empty(),
+                "{addr} ({res}): no record; {} records in all",
+                recs.len()
+            );
+            // Written once by the daemon that answered, and again by each
+            // later one that read the miss before the ring was given back
+            // (marked `recovered`).
+            let fresh = mine.iter().filter(|r| r["pdp"]["recovered"] != true).count();
+            assert!(fresh <= 1, "{addr}: {fresh} records not recovered: {mine:#?}");
+            assert!(
+                mine.len() <= 1 + KILLS,
+                "{addr}: {} records: {mine:#?}",
+                mine.len()
+            );
+            let verdict = if *res == "OK" { "allow" } else { "deny" };
+            for r in mine {
+                assert_eq!(r["source"], "pdp", "{addr}: {r:#}");
+                let held_ms = r["pdp"]["held_ms"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("no held_ms: {r:#}"));
+                if *res == "ETIMEDOUT" && r["verdict"] == "allow" {
+                    // Released after its last SYN retry had gone: too late.
+                    assert!(
+                        held_ms >= LAST_SYN_MS,
+                        "{addr} ended {res} after {held_ms} ms held: {r:#}"
+                    );
+                    late += 1;
+                    continue;
+                }
+                assert_eq!(r["verdict"], verdict, "{addr} ended {res}: {r:#}");
+                if *res == "ETIMEDOUT" {
+                    assert_eq!(r["pdp"]["attempt"], "held, ended before the answer", "{r:#}");
+                }
+            }
+            seen += 1;
+            twice += usize::from(mine.len() > 1);
+            recovered += mine.iter().filter(|r| r["pdp"]["recovered"] == true).count();
+        }
+    }
+    assert_eq!(seen, STREAMS * PER_STREAM);
+    assert!(
+        kills_while_asking >= 3,
+        "only {kills_while_asking} of {KILLS} kills came while connects were being asked"
+    );
+    // Every connect missed the cache once, and every miss went to be asked
+    // about.
+    assert_eq!(
+        (misses - misses0, lost - lost0),
+        (seen as u64, 0),
+        "cache misses, asks lost"
+    );
+    eprintln!(
+        "{seen} connects asked through {kills_while_asking} kills: {recovered} records written after a restart, {twice} connects with more than one, {late} answers too late"
+    );
+    d.uninstall();
+}

@@ -179,6 +179,8 @@ pub struct Pipeline {
     contexts: Option<ContextFn>,
     /// Records of PDP asks, and the origin of cached verdicts (issue 9).
     pdp_feed: Option<crate::pdp::task::PdpFeed>,
+    /// Tokens of the PDP records written since `take_pdp_tokens`.
+    pdp_tokens: Vec<u64>,
     /// The resolver's `dns.query` records, and the names of the addresses
     /// it learned, for `net.domain` (issue 7).
     dns_feed: Option<crate::dns::DnsFeed>,
@@ -218,6 +220,7 @@ impl Pipeline {
             totals: Totals::default(),
             contexts: None,
             pdp_feed: None,
+            pdp_tokens: Vec::new(),
             dns_feed: None,
             scratch: Record::default(),
             line: String::with_capacity(4096),
@@ -228,6 +231,12 @@ impl Pipeline {
     /// `source: cache` decisions with the PDP decision they came from.
     pub fn set_pdp_feed(&mut self, feed: crate::pdp::task::PdpFeed) {
         self.pdp_feed = Some(feed);
+    }
+
+    /// The tokens (`pdp::acks`) of the PDP records written since the last
+    /// call: once the sink is flushed, they are in the log.
+    pub fn take_pdp_tokens(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.pdp_tokens)
     }
 
     /// Takes the resolver's `dns.query` records (written at each `tick`,
@@ -282,6 +291,9 @@ impl Pipeline {
                 feed.annotate(&r.decision, &mut rec);
             }
             self.write(rec)?;
+            if let Some(t) = r.token {
+                self.pdp_tokens.push(t);
+            }
         }
         Ok(())
     }

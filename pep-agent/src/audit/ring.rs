@@ -16,7 +16,10 @@ use std::{
     io,
     os::fd::{AsFd as _, AsRawFd, BorrowedFd, RawFd},
     ptr::NonNull,
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
 };
 
 use aya::maps::MapData;
@@ -80,7 +83,7 @@ unsafe impl Sync for Mapping {}
 /// A reader of a `BPF_MAP_TYPE_RINGBUF` map that commits explicitly.
 pub struct CommitRing {
     map: MapData,
-    consumer: Mapping,
+    consumer: Arc<Mapping>,
     producer: Mapping,
     page: usize,
     mask: u64,
@@ -99,7 +102,7 @@ impl CommitRing {
             return Err(io::Error::other(format!("not a ring buffer size: {size}")));
         }
         let fd = map.fd().as_fd();
-        let consumer = Mapping::new(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
+        let consumer = Arc::new(Mapping::new(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?);
         let producer = Mapping::new(fd, page + 2 * size, libc::PROT_READ, page)?;
         let read = consumer.pos().load(Ordering::Acquire);
         Ok(Self {
@@ -158,6 +161,33 @@ impl CommitRing {
     /// Gives the kernel back the space of every record read so far.
     pub fn commit(&mut self) {
         self.consumer.pos().store(self.read, Ordering::Release);
+    }
+
+    /// Where reading has got: the end of the last record read, the
+    /// position to commit once that record is dealt with.
+    pub fn position(&self) -> u64 {
+        self.read
+    }
+
+    /// A handle that commits on another thread than the reading one.
+    pub fn committer(&self) -> Committer {
+        Committer {
+            consumer: self.consumer.clone(),
+        }
+    }
+}
+
+/// Commits a `CommitRing` from elsewhere (`CommitRing::committer`).
+#[derive(Clone)]
+pub struct Committer {
+    consumer: Arc<Mapping>,
+}
+
+impl Committer {
+    /// Gives the kernel back the space up to `position` (from
+    /// `CommitRing::position`); never moves the position back.
+    pub fn commit_to(&self, position: u64) {
+        self.consumer.pos().fetch_max(position, Ordering::AcqRel);
     }
 }
 

@@ -48,6 +48,9 @@ pub struct AuditTask {
     /// written now, not at the next ring-buffer wakeup, so that the window
     /// in which a SIGKILL could lose an answered ask's record stays short.
     pub pdp_wake: Arc<tokio::sync::Notify>,
+    /// Told which PDP records are in the log, so the ask ring buffer gives
+    /// their misses back (`pdp::acks`).
+    pub acks: Option<Arc<crate::pdp::acks::Acks>>,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
     pub state_dir: PathBuf,
@@ -108,6 +111,7 @@ impl AuditTask {
             self.pipeline.tick(0)?;
             self.pipeline.flush()?;
             fd.get_mut().commit();
+            ack_pdp(&mut self.pipeline, self.acks.as_deref());
             // Saved only once its `audit.lost` record is written: a daemon
             // killed in between reports the drops again rather than never.
             let seen = self.pipeline.kernel_lost_seen();
@@ -124,6 +128,9 @@ impl AuditTask {
                 while let Ok(rec) = self.records.try_recv() {
                     self.pipeline.record(rec)?;
                 }
+                self.pipeline.tick(0)?;
+                self.pipeline.flush()?;
+                ack_pdp(&mut self.pipeline, self.acks.as_deref());
                 // Not `finish(Some(counters))`: the pinned decision counter
                 // spans every daemon run, this pipeline only its own.
                 self.pipeline.finish(None).await?;
@@ -131,6 +138,14 @@ impl AuditTask {
             }
             tokio::task::yield_now().await;
         }
+    }
+}
+
+/// After a flush: the PDP records written are in the log.
+fn ack_pdp(p: &mut Pipeline, acks: Option<&crate::pdp::acks::Acks>) {
+    let tokens = p.take_pdp_tokens();
+    if let Some(a) = acks {
+        a.written(&tokens);
     }
 }
 

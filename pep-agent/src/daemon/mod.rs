@@ -210,6 +210,7 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         ask_stop.clone(),
     )?;
 
+    let acks = ask.acks();
     let mut core = Core::new(
         cfg.clone(),
         config_path.clone(),
@@ -261,6 +262,7 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             pipeline,
             records: audit_rx,
             pdp_wake,
+            acks,
             shutdown: shutdown.clone(),
             metrics: metrics.clone(),
             state_dir: cfg.state_dir.clone(),

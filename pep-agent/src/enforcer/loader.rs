@@ -34,6 +34,11 @@ pub enum EnforcerError {
     },
     #[error("opening cgroup {path}: {source}")]
     Cgroup { path: String, source: std::io::Error },
+    #[error("mapping ring buffer {name}: {source}")]
+    Ring {
+        name: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// The network hooks, attached to each sandbox's cgroup.

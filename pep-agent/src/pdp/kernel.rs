@@ -4,15 +4,18 @@
 use std::{fs::File, os::fd::AsFd as _, path::Path};
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray},
     programs::{CgroupSkb, ProgramError, SockOps},
 };
 use pep_common::{
-    ask::{AskEvent, AskSandbox, VerdictEntry, VerdictKey},
+    ask::{AppliedAnswer, AppliedKey, AskEvent, AskSandbox, VerdictEntry, VerdictKey},
     event::{COUNTER_ASK_LOST, COUNTER_CACHE_HIT, COUNTER_CACHE_MISS},
 };
 
-use crate::enforcer::{Enforcer, EnforcerError, attach};
+use crate::{
+    audit::ring::CommitRing,
+    enforcer::{Enforcer, EnforcerError, attach},
+};
 
 pub const SOCK_OPS_PROGRAM: &str = "ask_sock_ops";
 pub const EGRESS_PROGRAM: &str = "ask_egress";
@@ -31,6 +34,9 @@ pub struct AskMaps {
     pub cache: HashMap<MapData, VerdictKey, VerdictEntry>,
     pub pending: HashMap<MapData, u64, AskEvent>,
     pub sandboxes: HashMap<MapData, u32, AskSandbox>,
+    /// `ASK_APPLIED`: the host daemon's (`pdp::acks`); `pep-agent run`
+    /// leaves it.
+    pub applied: Option<HashMap<MapData, AppliedKey, AppliedAnswer>>,
 }
 
 /// Verdict-cache counters, summed over CPUs.
@@ -39,6 +45,21 @@ pub struct AskCounters {
     pub hits: u64,
     pub misses: u64,
     pub lost: u64,
+}
+
+impl AskCounters {
+    /// Read from a `COUNTERS` map (the enforcer's, or a pinned one).
+    pub fn from_map(map: &aya::maps::Map) -> Result<Self, EnforcerError> {
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err("COUNTERS"))?;
+        let sum = |i: u32| -> Result<u64, EnforcerError> {
+            Ok(arr.get(&i, 0).map_err(map_err("COUNTERS"))?.iter().sum())
+        };
+        Ok(Self {
+            hits: sum(COUNTER_CACHE_HIT)?,
+            misses: sum(COUNTER_CACHE_MISS)?,
+            lost: sum(COUNTER_ASK_LOST)?,
+        })
+    }
 }
 
 fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> EnforcerError {
@@ -120,17 +141,24 @@ impl Enforcer {
     }
 
     /// The maps and ring buffer of asking. Can be taken once.
-    pub fn take_ask(&mut self) -> Result<(AskMaps, RingBuf<MapData>), EnforcerError> {
+    pub fn take_ask(&mut self) -> Result<(AskMaps, CommitRing), EnforcerError> {
         let mut take = |name: &'static str| self.ebpf.take_map(name).ok_or(EnforcerError::NoMap(name));
         let cache = HashMap::try_from(take("VERDICT_CACHE")?).map_err(map_err("VERDICT_CACHE"))?;
         let pending = HashMap::try_from(take("PENDING")?).map_err(map_err("PENDING"))?;
         let sandboxes = HashMap::try_from(take("ASK_SANDBOXES")?).map_err(map_err("ASK_SANDBOXES"))?;
-        let asks = RingBuf::try_from(take("ASKS")?).map_err(map_err("ASKS"))?;
+        let applied = HashMap::try_from(take("ASK_APPLIED")?).map_err(map_err("ASK_APPLIED"))?;
+        let asks = match take("ASKS")? {
+            aya::maps::Map::RingBuf(data) => {
+                CommitRing::new(data).map_err(|source| EnforcerError::Ring { name: "ASKS", source })?
+            }
+            _ => return Err(EnforcerError::NoMap("ASKS")),
+        };
         Ok((
             AskMaps {
                 cache,
                 pending,
                 sandboxes,
+                applied: Some(applied),
             },
             asks,
         ))
@@ -142,14 +170,6 @@ impl Enforcer {
             .ebpf
             .map("COUNTERS")
             .ok_or(EnforcerError::NoMap("COUNTERS"))?;
-        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err("COUNTERS"))?;
-        let sum = |i: u32| -> Result<u64, EnforcerError> {
-            Ok(arr.get(&i, 0).map_err(map_err("COUNTERS"))?.iter().sum())
-        };
-        Ok(AskCounters {
-            hits: sum(COUNTER_CACHE_HIT)?,
-            misses: sum(COUNTER_CACHE_MISS)?,
-            lost: sum(COUNTER_ASK_LOST)?,
-        })
+        AskCounters::from_map(map)
     }
 }

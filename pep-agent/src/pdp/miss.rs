@@ -3,7 +3,7 @@
 //! the exec record the kernel would have written).
 
 use pep_common::{
-    ask::{AskEvent, ExecAskEvent, KIND_ASK, KIND_ASK_EXEC},
+    ask::{AppliedKey, AskEvent, ExecAskEvent, KIND_ASK, KIND_ASK_EXEC},
     event::{EventHeader, ExecEvent, KIND_EXEC},
 };
 
@@ -21,6 +21,24 @@ impl Miss {
         match self {
             Miss::Net(e) => e.key.sandbox_id,
             Miss::Exec(e) => e.key.sandbox_id,
+        }
+    }
+
+    /// What the host daemon keeps this miss's applied answer under
+    /// (`pdp::acks`): its kernel timestamp, and its socket cookie (a held
+    /// connect) or its pid and tid.
+    pub fn applied_key(&self) -> AppliedKey {
+        let (h, cookie) = match self {
+            Miss::Net(e) => (&e.header, e.cookie),
+            Miss::Exec(e) => (&e.exec.header, 0),
+        };
+        AppliedKey {
+            ts_boot_ns: h.ts_boot_ns,
+            id: if cookie != 0 {
+                cookie
+            } else {
+                (u64::from(h.pid) << 32) | u64::from(h.tid)
+            },
         }
     }
 

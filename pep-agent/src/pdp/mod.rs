@@ -18,6 +18,7 @@
 //!   `pep-agent run`, and what each cached verdict came from); `warm`:
 //!   keeping the embedded engine warm while a sandbox is missing.
 
+pub mod acks;
 pub mod answer;
 pub mod builtin;
 pub mod cache;
@@ -29,6 +30,7 @@ pub mod miss;
 pub mod opa;
 pub mod origins;
 pub mod query;
+mod recovered;
 pub mod rego;
 pub mod revision;
 pub mod rules;

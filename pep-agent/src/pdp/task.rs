@@ -44,10 +44,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf};
+use pep_common::ask::{APPLIED_PDP_LEN, AppliedAnswer, AppliedKey};
 use pep_common::{
     ask::{ACTION_NET_CONNECT, ASK_ALLOWED_NOW, ASK_DENIED_NOW, ASK_HELD, AskEvent, AskSandbox, VerdictKey},
-    event::VERDICT_ALLOW,
+    event::{VERDICT_ALLOW, VERDICT_DENY},
     net::PROTO_TCP,
 };
 use serde_json::{Value, json};
@@ -55,6 +55,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Pdp, PdpDecision, PdpError,
+    acks::Acks,
     cache::{boot_ns, key_addr},
     kernel::AskMaps,
     miss::{Miss, decode_exec},
@@ -66,6 +67,7 @@ use super::{
 use crate::{
     audit::decode::{Decision, ExecOp, Header, NetOp, Source, Verdict},
     audit::exe::{Acting, ExeCache},
+    audit::ring::CommitRing,
     policy::OnUnavailable,
 };
 
@@ -94,12 +96,14 @@ pub struct AskSettings {
 pub struct AskRecord {
     pub decision: Decision,
     pub pdp: Value,
+    /// For `Acks::written`, once the record is in the log (host daemon).
+    pub token: Option<u64>,
 }
 
 pub use super::origins::CacheOrigins;
 
 /// The running task's shared state.
-struct Shared {
+pub(super) struct Shared {
     /// By sandbox id. Each is replaced whole on reload; an ask works with
     /// the snapshot it started with, so a verdict is stamped with the
     /// revision of the engine that gave it.
@@ -117,6 +121,9 @@ struct Shared {
     /// Told of every record sent, so that the daemon writes it at once
     /// rather than at its next ring-buffer wakeup.
     wake: Option<Arc<tokio::sync::Notify>>,
+    /// The host daemon's: misses are given back to the ring only once
+    /// their records are written (`pdp::acks`).
+    pub(super) acks: Option<Arc<Acks>>,
 }
 
 /// Where the time of one ask went, in ns, each stage from the end of the
@@ -266,6 +273,12 @@ impl AskTask {
         ids
     }
 
+    /// What the audit task hands written records' tokens back to (host
+    /// daemon).
+    pub fn acks(&self) -> Option<Arc<Acks>> {
+        self.shared.acks.clone()
+    }
+
     /// Lets a paused task (`spawn_paused`) read misses.
     pub fn resume(&self) {
         self.shared.reading.store(true, Ordering::SeqCst);
@@ -316,22 +329,25 @@ impl AskTask {
 /// runtime.
 pub fn spawn(
     settings: Option<AskSettings>,
-    maps: AskMaps,
-    asks: RingBuf<MapData>,
+    mut maps: AskMaps,
+    asks: CommitRing,
     records: mpsc::UnboundedSender<AskRecord>,
     origins: CacheOrigins,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<AskTask> {
+    // The ring dies with the run: each miss is given back as it is read.
+    maps.applied = None;
     spawn_inner(settings, maps, asks, (records, None), origins, stop, false)
 }
 
 /// `spawn`, but the thread reads no miss until `AskTask::resume`: the host
 /// daemon first serves every sandbox it adopts, so that the misses the
 /// kernel queued while no daemon ran find their settings.
-/// Each record sent is announced on `wake`.
+/// Each record sent is announced on `wake`, and its miss given back to the
+/// ring only once the audit task has written it (`AskTask::acks`).
 pub fn spawn_paused(
     maps: AskMaps,
-    asks: RingBuf<MapData>,
+    asks: CommitRing,
     records: mpsc::UnboundedSender<AskRecord>,
     wake: Arc<tokio::sync::Notify>,
     origins: CacheOrigins,
@@ -342,8 +358,8 @@ pub fn spawn_paused(
 
 fn spawn_inner(
     settings: Option<AskSettings>,
-    maps: AskMaps,
-    asks: RingBuf<MapData>,
+    mut maps: AskMaps,
+    asks: CommitRing,
     (records, wake): (mpsc::UnboundedSender<AskRecord>, Option<Arc<tokio::sync::Notify>>),
     origins: CacheOrigins,
     stop: Arc<AtomicBool>,
@@ -354,6 +370,10 @@ fn spawn_inner(
         origins.set_engine(s.sandbox_id, s.pdp.engine());
         all.insert(s.sandbox_id, Arc::new(s));
     }
+    let acks = maps
+        .applied
+        .take()
+        .map(|applied| Arc::new(Acks::new(asks.committer(), applied)));
     let shared = Arc::new(Shared {
         settings: RwLock::new(all),
         maps: Mutex::new(maps),
@@ -364,6 +384,7 @@ fn spawn_inner(
         warm_cpu_ns: AtomicU64::new(0),
         reading: AtomicBool::new(!paused),
         wake,
+        acks,
     });
     let rt = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
     let s = shared.clone();
@@ -399,12 +420,7 @@ impl Shared {
 /// How long a wait for misses lasts before `stop` is looked at again.
 const POLL_MS: i32 = 50;
 
-fn read_asks(
-    shared: &Arc<Shared>,
-    mut asks: RingBuf<MapData>,
-    stop: &AtomicBool,
-    rt: &tokio::runtime::Handle,
-) {
+fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: &tokio::runtime::Handle) {
     while !shared.reading.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
         std::thread::park_timeout(Duration::from_millis(POLL_MS as u64));
     }
@@ -426,7 +442,16 @@ fn read_asks(
             events: libc::POLLIN,
             revents: 0,
         };
-        let timeout = if warming { WARM_EVERY_MS } else { POLL_MS };
+        // Misses already there are read without waiting: a wakeup may not
+        // come for them (the kernel wakes a reader for a record submitted
+        // at the consumer position, which the daemon moves behind reading).
+        let timeout = if asks.has_unread() {
+            0
+        } else if warming {
+            WARM_EVERY_MS
+        } else {
+            POLL_MS
+        };
         let cpu = thread_cpu_ns();
         // SAFETY: one valid pollfd; the ring buffer keeps its fd open.
         let rc = unsafe { libc::poll(&mut pfd, 1, timeout) };
@@ -441,19 +466,39 @@ fn read_asks(
             std::thread::sleep(Duration::from_millis(POLL_MS as u64));
         }
         loop {
-            let miss = {
-                let Some(item) = asks.next() else { break };
-                Miss::read(&item)
+            let (miss, end) = {
+                let Some(item) = asks.next_record() else { break };
+                (Miss::read(item), asks.position())
             };
             let received_ns = boot_ns();
-            let Some(miss) = miss else { continue };
+            // What the record will hand back (the daemon), or the miss is
+            // given back now (a run).
+            let token = match &shared.acks {
+                Some(a) => Some(a.read(end, miss.as_ref().map(Miss::applied_key).unwrap_or_default())),
+                None => {
+                    asks.commit();
+                    None
+                }
+            };
+            let Some(miss) = miss else {
+                no_record(shared, token);
+                continue;
+            };
+            if let (Some(a), Some(t)) = (&shared.acks, token)
+                && let Some(answer) = a.applied_answer(&miss.applied_key())
+            {
+                super::recovered::replay(shared, miss, &answer, t);
+                continue;
+            }
             let Some(settings) = shared.settings_of(miss.sandbox_id()) else {
-                orphan(shared, miss);
+                super::recovered::orphan(shared, miss, token);
                 continue;
             };
-            let Some(ask) = Ask::new(settings, miss, received_ns, &mut exes) else {
+            let Some(mut ask) = Ask::new(settings, miss, received_ns, &mut exes) else {
+                no_record(shared, token);
                 continue;
             };
+            ask.token = token;
             let query_ns = boot_ns();
             let started = Instant::now();
             match ask.settings.pdp.decide_now(&ask.query) {
@@ -484,50 +529,29 @@ fn read_asks(
     }
 }
 
-/// The PDP of a sandbox id nobody serves: unavailable, so `deny`.
-struct Orphaned;
-
-impl Pdp for Orphaned {
-    fn engine(&self) -> &'static str {
-        "none"
-    }
-
-    fn decide<'a>(&'a self, _input: &'a Value) -> super::DecideFuture<'a> {
-        Box::pin(async { Err(orphaned()) })
-    }
-
-    fn decide_now(&self, _query: &Query) -> Option<Result<PdpDecision, PdpError>> {
-        Some(Err(orphaned()))
-    }
-}
-
-fn orphaned() -> PdpError {
-    PdpError::Unavailable("no PDP serves this sandbox generation (it has been replaced or removed)".into())
-}
-
-/// A miss of a sandbox id without settings: a connect held by a generation
-/// that a reload or a removal retired while it waited. Denied (a held
-/// connect is destroyed), with a record that says why.
-fn orphan(shared: &Shared, miss: Miss) {
-    let id = miss.sandbox_id();
-    tracing::warn!("pdp: a miss of sandbox id {id}, which no PDP serves: denied");
-    let settings = Arc::new(AskSettings {
-        pdp: Arc::new(Orphaned),
-        sandbox_id: id,
-        sandbox_name: String::new(),
-        policy_revision: String::new(),
-        fingerprint: String::new(),
-        revision: 0,
-        cache_ttl_s: 0,
-        on_unavailable: OnUnavailable::Deny,
-        stale_window_s: 0,
-        budget: Duration::ZERO,
-    });
+/// Finishes a miss whose settings are made up on the spot
+/// (`recovered::orphan`), with `result` as the PDP's.
+pub(super) fn finish_orphan(
+    shared: &Shared,
+    settings: Arc<AskSettings>,
+    miss: Miss,
+    token: Option<u64>,
+    result: Result<PdpDecision, PdpError>,
+) {
     let received_ns = boot_ns();
-    let Some(ask) = Ask::new(settings, miss, received_ns, &mut ExeCache::default()) else {
+    let Some(mut ask) = Ask::new(settings, miss, received_ns, &mut ExeCache::default()) else {
+        no_record(shared, token);
         return;
     };
-    finish(shared, ask, Err(orphaned()), Duration::ZERO, received_ns);
+    ask.token = token;
+    finish(shared, ask, result, Duration::ZERO, received_ns);
+}
+
+/// A miss that gets no record (unreadable) is given back at once.
+fn no_record(shared: &Shared, token: Option<u64>) {
+    if let (Some(a), Some(t)) = (&shared.acks, token) {
+        a.written(&[t]);
+    }
 }
 
 /// One throwaway decision (`warm_up`) and a verdict-cache lookup, the
@@ -561,6 +585,14 @@ fn sweep_pending(shared: &Shared) {
     for cookie in stale {
         let _ = maps.pending.remove(&cookie);
     }
+    drop(maps);
+    if let Some(a) = &shared.acks {
+        // A minute is far longer than a record takes to be written.
+        let n = a.expire(now.saturating_sub(60_000_000_000));
+        if n > 0 {
+            tracing::debug!("removed {n} applied answers left by an earlier daemon");
+        }
+    }
 }
 
 /// What was decided for one ask.
@@ -573,7 +605,7 @@ struct Outcome {
 }
 
 /// What a miss was about, beyond its cache key.
-enum Target {
+pub(super) enum Target {
     /// A connect or send to `daddr`.
     Net {
         ev: Box<AskEvent>,
@@ -583,25 +615,20 @@ enum Target {
     Exec { path: String, argv: Vec<String> },
 }
 
-/// One miss being asked about.
-struct Ask {
-    /// As they were when the miss was read.
-    settings: Arc<AskSettings>,
-    key: VerdictKey,
+/// A miss decoded: everything but the query.
+pub(super) struct Parts {
+    pub(super) key: VerdictKey,
     /// `ASK_*`.
-    disposition: u32,
-    /// The kernel's miss, on the boot clock.
-    ts_boot_ns: u64,
-    header: Header,
-    target: Target,
-    query: Query,
-    received_ns: u64,
+    pub(super) disposition: u32,
+    pub(super) ts_boot_ns: u64,
+    pub(super) header: Header,
+    pub(super) target: Target,
+    action: &'static str,
+    resource: Resource,
 }
 
-impl Ask {
-    /// The query for a miss. The executable is named from `exes` by the
-    /// image the kernel saw (`ExeCache`): `/proc` is read once per image.
-    fn new(s: Arc<AskSettings>, miss: Miss, received_ns: u64, exes: &mut ExeCache) -> Option<Self> {
+impl Parts {
+    pub(super) fn of(miss: Miss) -> Option<Self> {
         let (key, disposition, ts_boot_ns, header, target, action, resource) = match miss {
             Miss::Net(ev) => {
                 let Some(daddr) = key_addr(&ev.key) else {
@@ -633,6 +660,56 @@ impl Ask {
                 (ev.key, ev.disposition, ts, header, target, "exec", resource)
             }
         };
+        Some(Self {
+            key,
+            disposition,
+            ts_boot_ns,
+            header,
+            target,
+            action,
+            resource,
+        })
+    }
+}
+
+/// One miss being asked about.
+pub(super) struct Ask {
+    /// As they were when the miss was read.
+    pub(super) settings: Arc<AskSettings>,
+    key: VerdictKey,
+    /// `ASK_*`.
+    disposition: u32,
+    /// The kernel's miss, on the boot clock.
+    ts_boot_ns: u64,
+    header: Header,
+    target: Target,
+    query: Query,
+    received_ns: u64,
+    /// `ASK_APPLIED`'s key for it.
+    applied_key: AppliedKey,
+    /// For `Acks::written` (host daemon).
+    token: Option<u64>,
+}
+
+impl Ask {
+    /// The query for a miss. The executable is named from `exes` by the
+    /// image the kernel saw (`ExeCache`): `/proc` is read once per image.
+    pub(super) fn new(
+        s: Arc<AskSettings>,
+        miss: Miss,
+        received_ns: u64,
+        exes: &mut ExeCache,
+    ) -> Option<Self> {
+        let applied_key = miss.applied_key();
+        let Parts {
+            key,
+            disposition,
+            ts_boot_ns,
+            header,
+            target,
+            action,
+            resource,
+        } = Parts::of(miss)?;
         let exe = exes.name(Acting {
             pid: header.pid,
             start_ns: header.start_ns,
@@ -662,6 +739,8 @@ impl Ask {
             target,
             query,
             received_ns,
+            applied_key,
+            token: None,
         })
     }
 
@@ -687,6 +766,8 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
         header,
         target,
         received_ns,
+        applied_key,
+        token,
         ..
     } = ask;
     let latency_us = took.as_micros() as u64;
@@ -717,28 +798,63 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
             },
         );
     }
+    let is_tcp_connect = key.action == ACTION_NET_CONNECT && key.protocol == u32::from(PROTO_TCP);
+    // The record: what happened to the attempt, and the `pdp` object.
+    let record = |ended: bool| -> (bool, Value) {
+        let (verdict, attempt) = match disposition {
+            ASK_HELD if ended => (false, "held, ended before the answer"),
+            ASK_HELD => (out.allow, "held"),
+            ASK_DENIED_NOW => (false, "denied while asking"),
+            ASK_ALLOWED_NOW => (out.allow && is_tcp_connect, "allowed (audit mode) while asking"),
+            _ => (false, "unknown"),
+        };
+        let mut pdp = match &answered {
+            Some(d) => answered_pdp(engine, d, latency_us),
+            None => out.pdp.clone(),
+        };
+        pdp["answer"] = json!(if out.allow { "allow" } else { "deny" });
+        pdp["attempt"] = json!(attempt);
+        if disposition == ASK_HELD {
+            // How long the connect had waited: an answer after its last SYN
+            // retry (about 1 s) comes too late to let it through.
+            pdp["held_ms"] = json!(boot_ns().saturating_sub(ts_boot_ns) / 1_000_000);
+        }
+        (verdict, pdp)
+    };
     // The verdict goes into the cache before the connect is released, so
     // the retransmitted SYN, and every later connect, sees it.
-    let mut ended = false;
-    {
+    let (verdict, pdp) = {
         let mut maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ttl) = cache_ttl
             && let Err(e) = maps.put(&key, out.allow, s.revision, ttl)
         {
             tracing::error!("writing the verdict cache: {e}");
         }
-        if let Target::Net { ev, daddr } = &target
-            && disposition == ASK_HELD
-        {
-            // Its mark goes when the socket closes: the connect gave up
-            // (its SYN retries ran out, say while no daemon ran) or was
-            // closed before this answer.
-            ended = maps.pending.get(&ev.cookie, 0).is_err();
-            if !ended {
-                release_or_destroy(&mut maps, ev, out.allow, *daddr);
+        // Its mark goes when the socket closes: a held connect without one
+        // gave up (its SYN retries ran out, say while no daemon ran) or was
+        // closed before this answer.
+        let held = match &target {
+            Target::Net { ev, daddr } if disposition == ASK_HELD => Some((ev, *daddr)),
+            _ => None,
+        };
+        let ended = held.is_some_and(|(ev, _)| maps.pending.get(&ev.cookie, 0).is_err());
+        // The host daemon keeps the record before anything is applied:
+        // killed before writing it, the next daemon writes it from this.
+        let early = shared.acks.as_ref().map(|a| {
+            let (verdict, pdp) = record(ended);
+            if let Err(e) = a.applied(applied_key, &applied_answer(verdict, &pdp)) {
+                tracing::error!("keeping an applied answer: {e}");
             }
+            (verdict, pdp)
+        });
+        if let Some((ev, daddr)) = held
+            && !ended
+        {
+            release_or_destroy(&mut maps, ev, out.allow, daddr);
         }
-    }
+        drop(maps);
+        early.unwrap_or_else(|| record(ended))
+    };
     let written_ns = boot_ns();
     shared
         .timings
@@ -750,25 +866,21 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
             engine: engine_done_ns.saturating_sub(query_ns),
             to_map: written_ns.saturating_sub(engine_done_ns),
         });
+    let decision = decision_of(header, out.source, verdict, &key, target);
+    send(shared, AskRecord { decision, pdp, token });
+}
 
-    let is_tcp_connect = key.action == ACTION_NET_CONNECT && key.protocol == u32::from(PROTO_TCP);
-    let (verdict, attempt) = match disposition {
-        ASK_HELD if ended => (false, "held, ended before the answer"),
-        ASK_HELD => (out.allow, "held"),
-        ASK_DENIED_NOW => (false, "denied while asking"),
-        ASK_ALLOWED_NOW => (out.allow && is_tcp_connect, "allowed (audit mode) while asking"),
-        _ => (false, "unknown"),
-    };
-    let mut pdp = match &answered {
-        Some(d) => answered_pdp(engine, d, latency_us),
-        None => out.pdp,
-    };
-    pdp["answer"] = json!(if out.allow { "allow" } else { "deny" });
-    pdp["attempt"] = json!(attempt);
-    let mut header = header;
-    header.source = out.source;
+/// The decision a record is built from.
+pub(super) fn decision_of(
+    mut header: Header,
+    source: Source,
+    verdict: bool,
+    key: &VerdictKey,
+    target: Target,
+) -> Decision {
+    header.source = source;
     header.verdict = if verdict { Verdict::Allow } else { Verdict::Deny };
-    let decision = match target {
+    match target {
         Target::Net { daddr, .. } => Decision::Net {
             header,
             op: if key.action == ACTION_NET_CONNECT {
@@ -786,11 +898,42 @@ fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took
             path: Some(path),
             argv,
         },
-    };
-    let _ = shared.records.send(AskRecord { decision, pdp });
+    }
+}
+
+/// Hands a record to the audit pipeline (and wakes the daemon's).
+pub(super) fn send(shared: &Shared, rec: AskRecord) {
+    let _ = shared.records.send(rec);
     if let Some(w) = &shared.wake {
         w.notify_one();
     }
+}
+
+/// What `ASK_APPLIED` keeps of a record: its verdict and its `pdp` object
+/// (a longer object than fits loses its `reason`, then all but its answer).
+fn applied_answer(verdict: bool, pdp: &Value) -> AppliedAnswer {
+    let mut out = AppliedAnswer {
+        verdict: if verdict { VERDICT_ALLOW } else { VERDICT_DENY },
+        len: 0,
+        pdp: [0; APPLIED_PDP_LEN],
+    };
+    let mut text = pdp.to_string();
+    if text.len() > APPLIED_PDP_LEN {
+        let mut short = pdp.clone();
+        if let Some(o) = short.as_object_mut() {
+            o.remove("reason");
+            o.remove("error");
+        }
+        text = short.to_string();
+    }
+    if text.len() > APPLIED_PDP_LEN {
+        text =
+            json!({"answer": pdp["answer"], "attempt": pdp["attempt"], "engine": pdp["engine"]}).to_string();
+    }
+    let n = text.len().min(APPLIED_PDP_LEN);
+    out.pdp[..n].copy_from_slice(&text.as_bytes()[..n]);
+    out.len = n as u32;
+    out
 }
 
 /// The record's `pdp` object for an answer.
