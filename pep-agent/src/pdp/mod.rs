@@ -20,6 +20,7 @@
 
 pub mod acks;
 pub mod answer;
+mod apply;
 pub mod builtin;
 pub mod cache;
 pub mod engine;

@@ -4,19 +4,24 @@
 //!   that says why (fail closed);
 //! - a replay: a miss an earlier daemon answered and applied but was killed
 //!   before writing its record (`pdp::acks`) is written from what that
-//!   daemon kept in `ASK_APPLIED`, without asking again: the attempt is
-//!   over, and a second answer could contradict what happened to it.
+//!   daemon kept in `ASK_APPLIED`, without asking again: a second answer
+//!   could contradict what happened to the attempt. A held connect that
+//!   still waits (killed before the answer was applied) gets that answer.
 
 use std::{sync::Arc, time::Duration};
 
-use pep_common::{ask::AppliedAnswer, event::VERDICT_ALLOW};
+use pep_common::{
+    ask::{ASK_HELD, AppliedAnswer},
+    event::VERDICT_ALLOW,
+};
 use serde_json::{Value, json};
 
 use super::{
     Pdp, PdpDecision, PdpError,
+    apply::{Parts, Target, decision_of, release_or_destroy, send},
     miss::Miss,
     query::Query,
-    task::{AskRecord, AskSettings, Parts, Shared, finish_orphan, send},
+    task::{AskRecord, AskSettings, Shared, finish_orphan},
 };
 use crate::{audit::decode::Source, policy::OnUnavailable};
 
@@ -77,7 +82,17 @@ pub(super) fn replay(shared: &Shared, miss: Miss, answer: &AppliedAnswer, token:
         }
         return;
     };
-    let decision = super::task::decision_of(
+    // Killed between keeping the answer and applying it: the connect
+    // still waits. Apply it now, as recorded.
+    if let Target::Net { ev, daddr } = &parts.target
+        && parts.disposition == ASK_HELD
+    {
+        let mut maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if maps.pending.get(&ev.cookie, 0).is_ok() {
+            release_or_destroy(&mut maps, ev, answer.verdict == VERDICT_ALLOW, *daddr);
+        }
+    }
+    let decision = decision_of(
         parts.header,
         Source::Pdp,
         answer.verdict == VERDICT_ALLOW,

@@ -1,7 +1,7 @@
-//! The PDP task of `pep-agent run` and of the host daemon: reads misses from the kernel's `ASKS`
-//! ring buffer, asks the PDP, writes the verdict into `VERDICT_CACHE`, then
-//! releases (allow) or destroys (deny) a held connect, and hands one audit
-//! record per ask to the audit pipeline.
+//! The PDP task of `pep-agent run` and of the host daemon: reads misses
+//! from the kernel's `ASKS` ring buffer, asks the PDP, and has the answer
+//! applied (`apply`: the verdict into `VERDICT_CACHE`, a held connect
+//! released or destroyed, one audit record per ask to the audit pipeline).
 //!
 //! Latency: the misses are read by a real-time thread of their own that
 //! blocks on the ring buffer; an embedded engine decides right there on the
@@ -44,32 +44,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use pep_common::ask::{APPLIED_PDP_LEN, AppliedAnswer, AppliedKey};
-use pep_common::{
-    ask::{ACTION_NET_CONNECT, ASK_ALLOWED_NOW, ASK_DENIED_NOW, ASK_HELD, AskEvent, AskSandbox, VerdictKey},
-    event::{VERDICT_ALLOW, VERDICT_DENY},
-    net::PROTO_TCP,
-};
-use serde_json::{Value, json};
+use pep_common::ask::{AskSandbox, VerdictKey};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{
     Pdp, PdpDecision, PdpError,
     acks::Acks,
-    cache::{boot_ns, key_addr},
+    apply::{Ask, finish},
+    cache::boot_ns,
     kernel::AskMaps,
-    miss::{Miss, decode_exec},
-    origins::{Origin, OriginKey},
-    query::{Context, Query, Resource, Subject},
-    sockdiag,
+    miss::Miss,
     warm::{Streak, WARM_EVERY_MS, boost_priority, thread_cpu_ns, warm_up},
 };
-use crate::{
-    audit::decode::{Decision, ExecOp, Header, NetOp, Source, Verdict},
-    audit::exe::{Acting, ExeCache},
-    audit::ring::CommitRing,
-    policy::OnUnavailable,
-};
+use crate::{audit::decode::Decision, audit::exe::ExeCache, audit::ring::CommitRing, policy::OnUnavailable};
 
 /// How a run asks.
 #[derive(Clone)]
@@ -107,20 +95,20 @@ pub(super) struct Shared {
     /// By sandbox id. Each is replaced whole on reload; an ask works with
     /// the snapshot it started with, so a verdict is stamped with the
     /// revision of the engine that gave it.
-    settings: RwLock<HashMap<u32, Arc<AskSettings>>>,
-    maps: Mutex<AskMaps>,
-    origins: CacheOrigins,
-    records: mpsc::UnboundedSender<AskRecord>,
-    timings: Mutex<Vec<AskTiming>>,
+    pub(super) settings: RwLock<HashMap<u32, Arc<AskSettings>>>,
+    pub(super) maps: Mutex<AskMaps>,
+    pub(super) origins: CacheOrigins,
+    pub(super) records: mpsc::UnboundedSender<AskRecord>,
+    pub(super) timings: Mutex<Vec<AskTiming>>,
     /// Keep-warm decisions made (`keep_warm`), and the thread CPU time they
     /// took, in ns.
-    warmed: AtomicU64,
-    warm_cpu_ns: AtomicU64,
+    pub(super) warmed: AtomicU64,
+    pub(super) warm_cpu_ns: AtomicU64,
     /// The thread reads no miss until this is set (`AskTask::resume`).
-    reading: AtomicBool,
+    pub(super) reading: AtomicBool,
     /// Told of every record sent, so that the daemon writes it at once
     /// rather than at its next ring-buffer wakeup.
-    wake: Option<Arc<tokio::sync::Notify>>,
+    pub(super) wake: Option<Arc<tokio::sync::Notify>>,
     /// The host daemon's: misses are given back to the ring only once
     /// their records are written (`pdp::acks`).
     pub(super) acks: Option<Arc<Acks>>,
@@ -592,448 +580,6 @@ fn sweep_pending(shared: &Shared) {
         if n > 0 {
             tracing::debug!("removed {n} applied answers left by an earlier daemon");
         }
-    }
-}
-
-/// What was decided for one ask.
-struct Outcome {
-    allow: bool,
-    source: Source,
-    pdp: Value,
-    /// Cache it for this long.
-    cache_ttl_s: Option<u64>,
-}
-
-/// What a miss was about, beyond its cache key.
-pub(super) enum Target {
-    /// A connect or send to `daddr`.
-    Net {
-        ev: Box<AskEvent>,
-        daddr: std::net::IpAddr,
-    },
-    /// An exec of `path`.
-    Exec { path: String, argv: Vec<String> },
-}
-
-/// A miss decoded: everything but the query.
-pub(super) struct Parts {
-    pub(super) key: VerdictKey,
-    /// `ASK_*`.
-    pub(super) disposition: u32,
-    pub(super) ts_boot_ns: u64,
-    pub(super) header: Header,
-    pub(super) target: Target,
-    action: &'static str,
-    resource: Resource,
-}
-
-impl Parts {
-    pub(super) fn of(miss: Miss) -> Option<Self> {
-        let (key, disposition, ts_boot_ns, header, target, action, resource) = match miss {
-            Miss::Net(ev) => {
-                let Some(daddr) = key_addr(&ev.key) else {
-                    tracing::error!("ask event with family {}", ev.key.family);
-                    return None;
-                };
-                let header = match Header::try_from(&ev.header) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        tracing::error!("bad ask event header: {e}");
-                        return None;
-                    }
-                };
-                let action = if ev.key.action == ACTION_NET_CONNECT {
-                    "net.connect"
-                } else {
-                    "net.send"
-                };
-                let resource = Resource::net(daddr, ev.key.dport as u16, ev.key.protocol as u8);
-                let (key, disposition, ts) = (ev.key, ev.disposition, ev.header.ts_boot_ns);
-                let target = Target::Net { ev, daddr };
-                (key, disposition, ts, header, target, action, resource)
-            }
-            Miss::Exec(ev) => {
-                let (header, path, argv) = decode_exec(&ev.exec)?;
-                let resource = Resource::Exec { path: path.clone() };
-                let target = Target::Exec { path, argv };
-                let ts = ev.exec.header.ts_boot_ns;
-                (ev.key, ev.disposition, ts, header, target, "exec", resource)
-            }
-        };
-        Some(Self {
-            key,
-            disposition,
-            ts_boot_ns,
-            header,
-            target,
-            action,
-            resource,
-        })
-    }
-}
-
-/// One miss being asked about.
-pub(super) struct Ask {
-    /// As they were when the miss was read.
-    pub(super) settings: Arc<AskSettings>,
-    key: VerdictKey,
-    /// `ASK_*`.
-    disposition: u32,
-    /// The kernel's miss, on the boot clock.
-    ts_boot_ns: u64,
-    header: Header,
-    target: Target,
-    query: Query,
-    received_ns: u64,
-    /// `ASK_APPLIED`'s key for it.
-    applied_key: AppliedKey,
-    /// For `Acks::written` (host daemon).
-    token: Option<u64>,
-}
-
-impl Ask {
-    /// The query for a miss. The executable is named from `exes` by the
-    /// image the kernel saw (`ExeCache`): `/proc` is read once per image.
-    pub(super) fn new(
-        s: Arc<AskSettings>,
-        miss: Miss,
-        received_ns: u64,
-        exes: &mut ExeCache,
-    ) -> Option<Self> {
-        let applied_key = miss.applied_key();
-        let Parts {
-            key,
-            disposition,
-            ts_boot_ns,
-            header,
-            target,
-            action,
-            resource,
-        } = Parts::of(miss)?;
-        let exe = exes.name(Acting {
-            pid: header.pid,
-            start_ns: header.start_ns,
-            ppid: header.ppid,
-            image: &header.exe,
-        });
-        let context = Context::now(&s.policy_revision);
-        let query = Query {
-            subject: Subject {
-                sandbox: s.sandbox_name.clone(),
-                pid: header.pid,
-                uid: header.uid,
-                comm: header.comm.clone(),
-                exe,
-                labels: Default::default(),
-            },
-            action: action.into(),
-            resource,
-            context,
-        };
-        Some(Self {
-            settings: s,
-            key,
-            disposition,
-            ts_boot_ns,
-            header,
-            target,
-            query,
-            received_ns,
-            applied_key,
-            token: None,
-        })
-    }
-
-    /// What the cached verdict is remembered by for `source: cache` records.
-    fn origin_key(&self) -> OriginKey {
-        match &self.target {
-            Target::Net { .. } => OriginKey::Net(self.key),
-            Target::Exec { path, .. } => OriginKey::Exec(self.key.sandbox_id, path.clone()),
-        }
-    }
-}
-
-/// Writes the verdict (cache first, then the held connect's release or
-/// destruction), then hands the ask's record to the audit pipeline.
-fn finish(shared: &Shared, ask: Ask, result: Result<PdpDecision, PdpError>, took: Duration, query_ns: u64) {
-    let engine_done_ns = boot_ns();
-    let origin_key = ask.origin_key();
-    let Ask {
-        settings: s,
-        key,
-        disposition,
-        ts_boot_ns,
-        header,
-        target,
-        received_ns,
-        applied_key,
-        token,
-        ..
-    } = ask;
-    let latency_us = took.as_micros() as u64;
-    let engine = s.pdp.engine();
-    // What happens first; the record's `pdp` object is built once the
-    // verdict is in place.
-    let (out, answered) = match result {
-        Ok(d) => (
-            Outcome {
-                allow: d.answer.allow,
-                source: Source::Pdp,
-                pdp: Value::Null,
-                cache_ttl_s: Some(d.answer.ttl_s.unwrap_or(s.cache_ttl_s)),
-            },
-            Some(d),
-        ),
-        Err(e) => (unavailable(shared, &s, &key, engine, latency_us, &e), None),
-    };
-    let cache_ttl = out.cache_ttl_s.filter(|t| *t > 0);
-    if cache_ttl.is_some() {
-        // Known before the verdict can be hit, so a hit's record can name it.
-        shared.origins.insert(
-            origin_key,
-            Origin {
-                engine,
-                decision_id: answered.as_ref().and_then(|d| d.decision_id.clone()),
-                latency_us,
-            },
-        );
-    }
-    let is_tcp_connect = key.action == ACTION_NET_CONNECT && key.protocol == u32::from(PROTO_TCP);
-    // The record: what happened to the attempt, and the `pdp` object.
-    let record = |ended: bool| -> (bool, Value) {
-        let (verdict, attempt) = match disposition {
-            ASK_HELD if ended => (false, "held, ended before the answer"),
-            ASK_HELD => (out.allow, "held"),
-            ASK_DENIED_NOW => (false, "denied while asking"),
-            ASK_ALLOWED_NOW => (out.allow && is_tcp_connect, "allowed (audit mode) while asking"),
-            _ => (false, "unknown"),
-        };
-        let mut pdp = match &answered {
-            Some(d) => answered_pdp(engine, d, latency_us),
-            None => out.pdp.clone(),
-        };
-        pdp["answer"] = json!(if out.allow { "allow" } else { "deny" });
-        pdp["attempt"] = json!(attempt);
-        if disposition == ASK_HELD {
-            // How long the connect had waited: an answer after its last SYN
-            // retry (about 1 s) comes too late to let it through.
-            pdp["held_ms"] = json!(boot_ns().saturating_sub(ts_boot_ns) / 1_000_000);
-        }
-        (verdict, pdp)
-    };
-    // The verdict goes into the cache before the connect is released, so
-    // the retransmitted SYN, and every later connect, sees it.
-    let (verdict, pdp) = {
-        let mut maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(ttl) = cache_ttl
-            && let Err(e) = maps.put(&key, out.allow, s.revision, ttl)
-        {
-            tracing::error!("writing the verdict cache: {e}");
-        }
-        // Its mark goes when the socket closes: a held connect without one
-        // gave up (its SYN retries ran out, say while no daemon ran) or was
-        // closed before this answer.
-        let held = match &target {
-            Target::Net { ev, daddr } if disposition == ASK_HELD => Some((ev, *daddr)),
-            _ => None,
-        };
-        let ended = held.is_some_and(|(ev, _)| maps.pending.get(&ev.cookie, 0).is_err());
-        // The host daemon keeps the record before anything is applied:
-        // killed before writing it, the next daemon writes it from this.
-        let early = shared.acks.as_ref().map(|a| {
-            let (verdict, pdp) = record(ended);
-            if let Err(e) = a.applied(applied_key, &applied_answer(verdict, &pdp)) {
-                tracing::error!("keeping an applied answer: {e}");
-            }
-            (verdict, pdp)
-        });
-        if let Some((ev, daddr)) = held
-            && !ended
-        {
-            release_or_destroy(&mut maps, ev, out.allow, daddr);
-        }
-        drop(maps);
-        early.unwrap_or_else(|| record(ended))
-    };
-    let written_ns = boot_ns();
-    shared
-        .timings
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(AskTiming {
-            to_receipt: received_ns.saturating_sub(ts_boot_ns),
-            query: query_ns.saturating_sub(received_ns),
-            engine: engine_done_ns.saturating_sub(query_ns),
-            to_map: written_ns.saturating_sub(engine_done_ns),
-        });
-    let decision = decision_of(header, out.source, verdict, &key, target);
-    send(shared, AskRecord { decision, pdp, token });
-}
-
-/// The decision a record is built from.
-pub(super) fn decision_of(
-    mut header: Header,
-    source: Source,
-    verdict: bool,
-    key: &VerdictKey,
-    target: Target,
-) -> Decision {
-    header.source = source;
-    header.verdict = if verdict { Verdict::Allow } else { Verdict::Deny };
-    match target {
-        Target::Net { daddr, .. } => Decision::Net {
-            header,
-            op: if key.action == ACTION_NET_CONNECT {
-                NetOp::Connect
-            } else {
-                NetOp::Send
-            },
-            protocol: key.protocol as u8,
-            daddr,
-            dport: key.dport as u16,
-        },
-        Target::Exec { path, argv } => Decision::Exec {
-            header,
-            op: ExecOp::Exec,
-            path: Some(path),
-            argv,
-        },
-    }
-}
-
-/// Hands a record to the audit pipeline (and wakes the daemon's).
-pub(super) fn send(shared: &Shared, rec: AskRecord) {
-    let _ = shared.records.send(rec);
-    if let Some(w) = &shared.wake {
-        w.notify_one();
-    }
-}
-
-/// What `ASK_APPLIED` keeps of a record: its verdict and its `pdp` object
-/// (a longer object than fits loses its `reason`, then all but its answer).
-fn applied_answer(verdict: bool, pdp: &Value) -> AppliedAnswer {
-    let mut out = AppliedAnswer {
-        verdict: if verdict { VERDICT_ALLOW } else { VERDICT_DENY },
-        len: 0,
-        pdp: [0; APPLIED_PDP_LEN],
-    };
-    let mut text = pdp.to_string();
-    if text.len() > APPLIED_PDP_LEN {
-        let mut short = pdp.clone();
-        if let Some(o) = short.as_object_mut() {
-            o.remove("reason");
-            o.remove("error");
-        }
-        text = short.to_string();
-    }
-    if text.len() > APPLIED_PDP_LEN {
-        text =
-            json!({"answer": pdp["answer"], "attempt": pdp["attempt"], "engine": pdp["engine"]}).to_string();
-    }
-    let n = text.len().min(APPLIED_PDP_LEN);
-    out.pdp[..n].copy_from_slice(&text.as_bytes()[..n]);
-    out.len = n as u32;
-    out
-}
-
-/// The record's `pdp` object for an answer.
-fn answered_pdp(engine: &str, d: &PdpDecision, latency_us: u64) -> Value {
-    let a = &d.answer;
-    let mut pdp = json!({
-        "engine": engine,
-        "decision_id": d.decision_id,
-        "latency_us": latency_us,
-    });
-    if let Some(r) = &a.reason {
-        pdp["reason"] = json!(r);
-    }
-    if let Some(t) = a.ttl_s {
-        pdp["ttl_s"] = json!(t);
-    }
-    if let Some(e) = &a.error {
-        pdp["error"] = json!(e);
-    }
-    pdp
-}
-
-/// `on_unavailable`.
-fn unavailable(
-    shared: &Shared,
-    s: &AskSettings,
-    key: &VerdictKey,
-    engine: &str,
-    latency_us: u64,
-    e: &PdpError,
-) -> Outcome {
-    let mut pdp = json!({
-        "engine": engine,
-        "decision_id": null,
-        "latency_us": latency_us,
-        "error": e.to_string(),
-    });
-    let (allow, source) = match s.on_unavailable {
-        OnUnavailable::Deny => (false, Source::Pdp),
-        OnUnavailable::Allow => (true, Source::Pdp),
-        OnUnavailable::Stale => {
-            let maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
-            let window = s.stale_window_s.saturating_mul(1_000_000_000);
-            match maps.get(key) {
-                // Only a verdict of the PDP in force: one given before a
-                // reload that changed it is no verdict at all.
-                Some(entry)
-                    if entry.revision == s.revision
-                        && entry.expires_ns.saturating_add(window) >= boot_ns() =>
-                {
-                    pdp["stale"] = json!(true);
-                    (entry.verdict == VERDICT_ALLOW, Source::Cache)
-                }
-                _ => (false, Source::Pdp),
-            }
-        }
-    };
-    pdp["on_unavailable"] = json!(match s.on_unavailable {
-        OnUnavailable::Deny => "deny",
-        OnUnavailable::Allow => "allow",
-        OnUnavailable::Stale => "stale",
-    });
-    Outcome {
-        allow,
-        source,
-        pdp,
-        cache_ttl_s: None,
-    }
-}
-
-/// Allow: clear the pending mark, so the next SYN retransmit leaves.
-/// Deny: abort the socket (ECONNABORTED). If that fails for any reason but
-/// the socket being gone, the mark stays: the SYN never leaves and the
-/// connect times out (fail closed).
-fn release_or_destroy(maps: &mut AskMaps, ev: &AskEvent, allow: bool, daddr: std::net::IpAddr) {
-    if allow {
-        let _ = maps.pending.remove(&ev.cookie);
-        return;
-    }
-    let family = ev.sock_family as u8;
-    let local = match i32::from(family) {
-        libc::AF_INET => std::net::IpAddr::from([ev.saddr[0], ev.saddr[1], ev.saddr[2], ev.saddr[3]]),
-        _ => std::net::IpAddr::from(ev.saddr),
-    };
-    let t = sockdiag::Tcp4Tuple {
-        family,
-        local,
-        sport: ev.sport as u16,
-        remote: daddr,
-        dport: ev.key.dport as u16,
-        cookie: ev.cookie,
-    };
-    match sockdiag::destroy(&t) {
-        Ok(()) => {
-            let _ = maps.pending.remove(&ev.cookie);
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-            let _ = maps.pending.remove(&ev.cookie);
-        }
-        Err(e) => tracing::error!("SOCK_DESTROY {t:?}: {e} (the connect will time out)"),
     }
 }
 
