@@ -125,6 +125,39 @@ fn ends_with_newline(path: &Path) -> io::Result<bool> {
     Ok(b[0] == b'\n')
 }
 
+/// Cuts `path` back to its last complete line, dropping a line a writer
+/// killed mid-write left partial; returns how many bytes went. Only for a
+/// writer whose sources keep what it has not flushed (the host daemon
+/// gives its ring buffers back only after a flush), so the dropped line is
+/// written again, whole, by the next writer.
+pub fn drop_torn_tail(path: &Path) -> io::Result<u64> {
+    let mut f = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    if len == 0 || ends_with_newline(path)? {
+        return Ok(0);
+    }
+    // Search back from the end for the last newline.
+    let mut end = len;
+    let mut keep = 0;
+    while end > 0 {
+        let start = end.saturating_sub(64 << 10);
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        f.read_exact(&mut buf)?;
+        if let Some(i) = buf.iter().rposition(|b| *b == b'\n') {
+            keep = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    f.set_len(keep)?;
+    Ok(len - keep)
+}
+
 /// The last complete line of `path`, if any.
 pub fn last_line(path: &Path) -> io::Result<Option<String>> {
     let mut f = match File::open(path) {
@@ -242,6 +275,28 @@ impl Sink {
     /// Lines written since opened.
     pub fn written(&self) -> u64 {
         self.written
+    }
+}
+
+#[cfg(test)]
+mod torn_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_partial_last_line_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("a.jsonl");
+        std::fs::write(&p, "{\"a\":1}\n{\"b\":2}\n{\"c\":").expect("write");
+        assert_eq!(drop_torn_tail(&p).expect("drop"), 5);
+        assert_eq!(
+            std::fs::read_to_string(&p).expect("read"),
+            "{\"a\":1}\n{\"b\":2}\n"
+        );
+        assert_eq!(drop_torn_tail(&p).expect("again"), 0, "whole lines stay");
+        std::fs::write(&p, "partial").expect("write");
+        assert_eq!(drop_torn_tail(&p).expect("drop"), 7);
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), "");
+        assert_eq!(drop_torn_tail(&dir.path().join("none")).expect("missing"), 0);
     }
 }
 

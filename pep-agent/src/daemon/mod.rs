@@ -152,6 +152,19 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     {
         std::fs::create_dir_all(dir)?;
     }
+    if cfg.audit.path != "-" {
+        // A daemon killed mid-write leaves a partial last line. What it held
+        // was not given back to the ring buffers (that waits for a whole
+        // flush), so the next batch writes it again: the torn line goes.
+        match crate::audit::sink::drop_torn_tail(Path::new(&cfg.audit.path)) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                "audit.path {}: dropped a partial last line ({n} bytes) left by a killed daemon",
+                cfg.audit.path
+            ),
+            Err(e) => tracing::warn!("audit.path {}: checking the last line: {e}", cfg.audit.path),
+        }
+    }
     let sink = Sink::open_rotating(
         &cfg.audit.path,
         Rotation {
