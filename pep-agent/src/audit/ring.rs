@@ -153,6 +153,11 @@ impl CommitRing {
         }
     }
 
+    /// Where the producer stands: the end of everything submitted so far.
+    pub fn produced(&self) -> u64 {
+        self.producer.pos().load(Ordering::Acquire)
+    }
+
     /// Whether the producer is ahead of the reading.
     pub fn has_unread(&self) -> bool {
         self.read < self.producer.pos().load(Ordering::Acquire)

@@ -28,7 +28,7 @@ use aya::{
         Array, HashMap, MapData,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupSkb, CgroupSockAddr, Lsm, SockOps, links::FdLink},
+    programs::{CgroupSockAddr, Lsm, links::FdLink},
 };
 use pep_common::{
     file::{ExecRuleValue, FileRuleKey, FileRuleValue, InodeKey},
@@ -166,24 +166,18 @@ impl Enforcer {
         for (name, _) in ASK_PROGRAMS {
             let _ = fs::remove_file(pinned(dir, "progs", name));
         }
-        let (name, _) = ASK_PROGRAMS[0];
-        let p: &mut SockOps = program(self, name)?;
-        p.load()
-            .map_err(|source| EnforcerError::Program { name, source })?;
-        p.pin(pinned(dir, "progs", name))
-            .map_err(|source| PinnedError::Pin {
-                what: name.into(),
-                source,
+        self.load_ask()?;
+        for (name, _) in ASK_PROGRAMS {
+            let prog = self.ebpf.program_mut(name).ok_or(EnforcerError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
             })?;
-        let (name, _) = ASK_PROGRAMS[1];
-        let p: &mut CgroupSkb = program(self, name)?;
-        p.load()
-            .map_err(|source| EnforcerError::Program { name, source })?;
-        p.pin(pinned(dir, "progs", name))
-            .map_err(|source| PinnedError::Pin {
-                what: name.into(),
-                source,
-            })?;
+            prog.pin(pinned(dir, "progs", name))
+                .map_err(|source| PinnedError::Pin {
+                    what: name.into(),
+                    source,
+                })?;
+        }
         Ok(())
     }
 

@@ -56,15 +56,15 @@ pub(super) struct Parts {
     pub(super) key: VerdictKey,
     /// `ASK_*`.
     pub(super) disposition: u32,
+    /// The kernel's miss, on the boot clock.
     pub(super) ts_boot_ns: u64,
     pub(super) header: Header,
     pub(super) target: Target,
-    action: &'static str,
-    resource: Resource,
 }
 
 impl Parts {
-    pub(super) fn of(miss: Miss) -> Option<Self> {
+    /// The parts, and the query's action and resource.
+    pub(super) fn of(miss: Miss) -> Option<(Self, &'static str, Resource)> {
         let (key, disposition, ts_boot_ns, header, target, action, resource) = match miss {
             Miss::Net(ev) => {
                 let Some(daddr) = key_addr(&ev.key) else {
@@ -96,15 +96,17 @@ impl Parts {
                 (ev.key, ev.disposition, ts, header, target, "exec", resource)
             }
         };
-        Some(Self {
-            key,
-            disposition,
-            ts_boot_ns,
-            header,
-            target,
+        Some((
+            Self {
+                key,
+                disposition,
+                ts_boot_ns,
+                header,
+                target,
+            },
             action,
             resource,
-        })
+        ))
     }
 }
 
@@ -112,13 +114,7 @@ impl Parts {
 pub(super) struct Ask {
     /// As they were when the miss was read.
     pub(super) settings: Arc<AskSettings>,
-    key: VerdictKey,
-    /// `ASK_*`.
-    disposition: u32,
-    /// The kernel's miss, on the boot clock.
-    ts_boot_ns: u64,
-    header: Header,
-    target: Target,
+    parts: Parts,
     pub(super) query: Query,
     received_ns: u64,
     /// `ASK_APPLIED`'s key for it.
@@ -137,15 +133,8 @@ impl Ask {
         exes: &mut ExeCache,
     ) -> Option<Self> {
         let applied_key = miss.applied_key();
-        let Parts {
-            key,
-            disposition,
-            ts_boot_ns,
-            header,
-            target,
-            action,
-            resource,
-        } = Parts::of(miss)?;
+        let (parts, action, resource) = Parts::of(miss)?;
+        let header = &parts.header;
         let exe = exes.name(Acting {
             pid: header.pid,
             start_ns: header.start_ns,
@@ -168,11 +157,7 @@ impl Ask {
         };
         Some(Self {
             settings: s,
-            key,
-            disposition,
-            ts_boot_ns,
-            header,
-            target,
+            parts,
             query,
             received_ns,
             applied_key,
@@ -182,9 +167,10 @@ impl Ask {
 
     /// What the cached verdict is remembered by for `source: cache` records.
     fn origin_key(&self) -> OriginKey {
-        match &self.target {
-            Target::Net { .. } => OriginKey::Net(self.key),
-            Target::Exec { path, .. } => OriginKey::Exec(self.key.sandbox_id, path.clone()),
+        let key = self.parts.key;
+        match &self.parts.target {
+            Target::Net { .. } => OriginKey::Net(key),
+            Target::Exec { path, .. } => OriginKey::Exec(key.sandbox_id, path.clone()),
         }
     }
 }
@@ -202,11 +188,14 @@ pub(super) fn finish(
     let origin_key = ask.origin_key();
     let Ask {
         settings: s,
-        key,
-        disposition,
-        ts_boot_ns,
-        header,
-        target,
+        parts:
+            Parts {
+                key,
+                disposition,
+                ts_boot_ns,
+                header,
+                target,
+            },
         received_ns,
         applied_key,
         token,

@@ -75,7 +75,7 @@ pub(super) fn replay(shared: &Shared, miss: Miss, answer: &AppliedAnswer, token:
         json!({})
     });
     pdp["recovered"] = json!(true);
-    let Some(parts) = Parts::of(miss) else {
+    let Some((parts, ..)) = Parts::of(miss) else {
         // Unreadable now as when it was asked about: no record either way.
         if let Some(a) = &shared.acks {
             a.written(&[token]);

@@ -412,6 +412,9 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
     while !shared.reading.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
         std::thread::park_timeout(Duration::from_millis(POLL_MS as u64));
     }
+    // Only misses already in the ring now can have been answered by an
+    // earlier daemon: later ones skip the `ASK_APPLIED` lookup.
+    let replay_until = asks.produced();
     boost_priority();
     if let Some(s) = shared.any_settings() {
         warm_up(&s);
@@ -473,6 +476,7 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
                 continue;
             };
             if let (Some(a), Some(t)) = (&shared.acks, token)
+                && end <= replay_until
                 && let Some(answer) = a.applied_answer(&miss.applied_key())
             {
                 super::recovered::replay(shared, miss, &answer, t);
