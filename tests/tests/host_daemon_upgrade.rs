@@ -257,3 +257,101 @@ fn kernel_drops_are_reported_once_each_across_adoption_and_replacement() {
     let v = d.cli(None, &["events", "verify", d.audit.to_str().expect("utf8")]);
     assert!(v.status.success(), "{}", describe(&v));
 }
+
+/// A connect the old build holds while its PDP decides: its SYNs are
+/// dropped by the old build's egress program. Detaching that program at
+/// the switch-over must not let the next SYN retransmit leave with no
+/// decision made. The new build takes the held connects over, so a storm
+/// of connects to a port the PDP denies, started while no daemon runs and
+/// going on across the switch-over, never gets one through.
+#[test]
+fn a_connect_held_by_the_old_build_is_not_released_by_the_switch_over() {
+    let denied = tcp_server("127.0.0.1:0");
+    let s = Scratch::new("dupg-held");
+    let rego = s.write(
+        "deny.rego",
+        "package pep\ndefault decision := {\"allow\": false, \"reason\": \"nothing is allowed\"}\n",
+    );
+    let policy = format!(
+        "apiVersion: pep/v1\nname: asking\nnetwork:\n  default: ask\n\
+         pdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n",
+        rego.display()
+    );
+    let mut d = TestDaemon::new("dupg-held", &[("asking", &policy)], "", false);
+    d.start();
+    let r = d.request(r#"{"op":"create","name":"asking","policy":"asking"}"#);
+    assert_eq!(r["ok"], true, "{r}\n{}", d.logs());
+    let cg = d.cgroup("asking");
+
+    d.kill9();
+    foreign(&d.pin_dir, Some("sha256:0000-another-build"));
+    // Every 10 ms a new connect, held by the old build (no daemon answers);
+    // once the new build's programs are attached, by both; after the
+    // switch-over, by the new build alone, which answers.
+    let stop = s.dir.join("storm.stop");
+    let ready = s.dir.join("storm.ready");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/held_storm.py");
+    let procs = cg.join("cgroup.procs");
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(script)
+        .arg(&stop)
+        .arg(&ready)
+        .args(["127.0.0.1", &denied.port().to_string(), "10"])
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: a write(2) to a cgroup file between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || std::fs::write(&procs, "0"));
+    }
+    let storm = cmd.spawn().expect("spawn storm");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(std::time::Instant::now() < deadline, "the storm did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Connects held for a while by the old build alone.
+    std::thread::sleep(Duration::from_millis(400));
+    d.start();
+    std::thread::sleep(Duration::from_millis(1_000));
+    std::fs::write(&stop, "").expect("stop");
+    let out = storm.wait_with_output().expect("storm");
+    assert!(out.status.success(), "{}", describe(&out));
+    let counts: serde_json::Value = serde_json::from_slice(&out.stdout).expect("storm json");
+
+    assert_eq!(
+        counts.get("OK"),
+        None,
+        "a connect the PDP denies got through the switch-over: {counts}\n{}",
+        d.logs()
+    );
+    assert_eq!(counts.get("STILL_WAITING"), None, "{counts}");
+    // Held across it: the old build's, taken over, ran out of SYN retries.
+    assert!(counts["ETIMEDOUT"].as_u64().unwrap_or(0) > 0, "{counts}");
+    // Answered by the new daemon.
+    assert!(counts["ECONNABORTED"].as_u64().unwrap_or(0) > 0, "{counts}");
+    let logs = d.logs();
+    let taken: u64 = logs
+        .lines()
+        .find_map(|l| {
+            let (before, _) = l.split_once(" connects held by the retired build")?;
+            before.rsplit(' ').next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no held connect was taken over: {counts}\n{logs}"));
+    assert!(taken > 0, "{logs}");
+    let status = d.request(r#"{"op":"status"}"#);
+    assert_eq!(status["data"]["origin"], "replaced", "{status}");
+    assert_eq!(status["data"]["retired"], serde_json::json!([]), "{status}");
+
+    // Their asks were in the old ring: counted, never silently gone.
+    d.stop();
+    let recs = read_audit(&d.audit);
+    let upgrade: u64 = recs
+        .iter()
+        .filter(|r| r["action"] == "audit.lost" && r["reason"] == "upgrade")
+        .map(|r| r["count"].as_u64().expect("count"))
+        .sum();
+    assert!(
+        upgrade >= taken,
+        "{taken} held connects taken over, {upgrade} records counted lost at the upgrade"
+    );
+    d.uninstall();
+}

@@ -249,6 +249,12 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         }
     };
     if let Some(left) = left {
+        if left.held > 0 {
+            tracing::warn!(
+                "{} connects held by the retired build for its PDP stay held until their SYN retries run out (ETIMEDOUT)",
+                left.held
+            );
+        }
         if left.undecoded > 0 {
             pipeline.lost(left.undecoded, "upgrade")?;
         }

@@ -3,6 +3,7 @@
 //! rules into the maps.
 
 pub(crate) mod attach;
+mod held;
 mod loader;
 mod maps;
 /// Pinned in bpffs, for the host daemon: enforcement outlives the process.

@@ -384,7 +384,7 @@ where
         .map_err(|source| EnforcerError::Program { name, source })
 }
 
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+pub(super) fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: bpf(2) with a valid, fully initialised attr of the given size;
     // every pointer inside it points at memory that outlives the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>() as libc::c_uint) };

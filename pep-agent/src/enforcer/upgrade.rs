@@ -12,12 +12,15 @@
 //!    installs every sandbox again and attaches the new programs next to the
 //!    old ones. For that while both enforce, and an action goes through only
 //!    if both allow it.
-//! 3. `detach_and_count`: the old programs are detached from the
-//!    sandboxes' cgroups. The records still in the old ring buffer are
-//!    counted, since this build cannot decode them, and so are the drops
-//!    the old kernel side counted that no daemon reported; both become
-//!    `audit.lost` records. Once those are written, `remove` drops the
-//!    retired pins, which ends the old LSM links.
+//! 3. `detach_and_count`: the connects the old build holds for its PDP
+//!    task are taken over by this build's `PENDING` (`held`), so that no
+//!    held SYN leaves once the old egress program is gone. Then the old
+//!    programs are detached from the sandboxes' cgroups. The records still
+//!    in the old ring buffers (the audit ring, and the asks no old daemon
+//!    answered) are counted, since this build cannot decode them, and so
+//!    are the drops the old kernel side counted that no daemon reported;
+//!    both become `audit.lost` records. Once those are written, `remove`
+//!    drops the retired pins, which ends the old LSM links.
 //!
 //! The build's identity is the name of an empty directory `build-<stamp>`
 //! in the pin directory, because bpffs holds no regular files (and no dot
@@ -153,6 +156,9 @@ pub struct Leftovers {
     pub undecoded: u64,
     /// Drops their kernel side counted beyond `kernel_lost_reported`.
     pub kernel_lost: u64,
+    /// Connects they held for their PDP task, now held by this build until
+    /// their SYN retries run out.
+    pub held: u64,
 }
 
 /// Step 3, once this build enforces every sandbox: detaches the retired
@@ -167,12 +173,19 @@ pub fn detach_and_count(
 ) -> io::Result<Leftovers> {
     let mut left = Leftovers::default();
     for dir in retired {
+        // Before the old egress program goes: it is what holds their SYNs.
+        if let Some(pin_dir) = dir.parent() {
+            left.held += super::held::take_over(&dir.join("maps/PENDING"), &pin_dir.join("maps/PENDING"))?;
+        }
         for cg in cgroups.iter().filter(|c| c.exists()) {
             detach_all(dir, cg)?;
         }
-        // Nothing produces into it any more: what is there is all there is.
-        if let Some(n) = count_ring(&dir.join("maps/EVENTS")) {
-            left.undecoded += n;
+        // Nothing produces into them any more: what is there is all there
+        // is. An ask is the record of its decision.
+        for ring in ["EVENTS", "ASKS"] {
+            if let Some(n) = count_ring(&dir.join("maps").join(ring)) {
+                left.undecoded += n;
+            }
         }
         if let Some(n) = kernel_lost(&dir.join("maps/COUNTERS")) {
             left.kernel_lost += n.saturating_sub(kernel_lost_reported);
