@@ -124,6 +124,12 @@ pub const COUNTER_CACHE_HIT: u32 = 2;
 pub const COUNTER_CACHE_MISS: u32 = 3;
 /// Asks that could not be sent (ring buffer full or too many held connects).
 pub const COUNTER_ASK_LOST: u32 = 4;
+/// Of those, the asks whose decision has no record: a network miss's ask is
+/// its record (the PDP task writes it), so when the `ASKS` ring has no room
+/// the decision is reported only as this count (`audit.lost`, reason `ask`).
+/// A miss that could not be held, and an exec miss, are recorded through the
+/// audit ring instead.
+pub const COUNTER_ASK_UNRECORDED: u32 = 7;
 /// `file_open` decisions answered from the per-file verdict cache.
 pub const COUNTER_FILE_CACHE_HIT: u32 = 5;
 /// `file_open` decisions that resolved and matched the path.

@@ -42,8 +42,8 @@ use pep_common::{
         VerdictEntry, VerdictKey,
     },
     event::{
-        ARGV_LEN, COUNTER_ASK_LOST, COUNTER_CACHE_HIT, COUNTER_CACHE_MISS, EXEC_OP_EXEC, PATH_MAX_LEN,
-        RULE_NONE, SOURCE_PDP, VERDICT_DENY,
+        ARGV_LEN, COUNTER_ASK_LOST, COUNTER_ASK_UNRECORDED, COUNTER_CACHE_HIT, COUNTER_CACHE_MISS,
+        EXEC_OP_EXEC, PATH_MAX_LEN, RULE_NONE, SOURCE_PDP, VERDICT_DENY,
     },
     net::PROTO_TCP,
     sandbox::MODE_AUDIT,
@@ -106,8 +106,13 @@ pub enum Miss {
     Cached(u32),
     /// The attempt goes ahead now: a held connect, or audit mode.
     Proceed,
-    /// The attempt fails now (or could not be held); the PDP is asked.
+    /// The attempt fails now; the PDP is asked, and the PDP task writes
+    /// the attempt's record (or, if the ask could not be sent, the kernel
+    /// counts it in `COUNTER_ASK_UNRECORDED`).
     Reject,
+    /// Too many connects are held: this one fails now, unasked, and the
+    /// caller records it (fail closed).
+    Full,
 }
 
 /// Consults the cache for the destination (`family`, `daddr`: canonical,
@@ -136,8 +141,9 @@ pub fn on_miss(
         return Miss::NotAsked;
     }
     let Some(ev) = ASK_SCRATCH.get_ptr_mut(0) else {
+        // Unreachable (a per-CPU slot always exists): fail closed, counted.
         audit::bump(COUNTER_ASK_LOST);
-        return Miss::Reject;
+        return Miss::Full;
     };
     // SAFETY: this CPU's scratch slot, used only within this program run.
     let ev = unsafe { &mut *ev };
@@ -183,7 +189,7 @@ pub fn on_miss(
         if PENDING.insert(cookie, ev, 0).is_err() {
             // Too many held connects: fail closed, now.
             audit::bump(COUNTER_ASK_LOST);
-            return Miss::Reject;
+            return Miss::Full;
         }
         return Miss::Proceed;
     }
@@ -195,6 +201,7 @@ pub fn on_miss(
     };
     if ASKS.output::<AskEvent>(&*ev, BPF_RB_FORCE_WAKEUP).is_err() {
         audit::bump(COUNTER_ASK_LOST);
+        audit::bump(COUNTER_ASK_UNRECORDED);
     }
     if audit_mode { Miss::Proceed } else { Miss::Reject }
 }
@@ -387,8 +394,10 @@ fn on_timeout_init(ctx: &SockOpsContext) -> u32 {
         // local_port is in host order in bpf_sock_ops.
         ev.sport = ctx.local_port();
         if ASKS.output::<AskEvent>(&*ev, BPF_RB_FORCE_WAKEUP).is_err() {
-            // Nobody will answer: the hold ends when the SYN retries run out.
+            // Nobody will answer: the hold ends when the SYN retries run
+            // out, and the decision is reported only as this count.
             audit::bump(COUNTER_ASK_LOST);
+            audit::bump(COUNTER_ASK_UNRECORDED);
         }
     }
     // 1: the kernel uses the reply.

@@ -153,6 +153,8 @@ fn decide(
             // The PDP task in userspace writes this attempt's record.
             Miss::Proceed => return PROCEED,
             Miss::Reject => return REJECT,
+            // Could not be held: denied unasked, recorded here.
+            Miss::Full => (VERDICT_DENY, SOURCE_DEFAULT, RULE_NONE),
         },
     };
     audit::emit(|ev: &mut NetEvent| {

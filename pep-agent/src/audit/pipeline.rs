@@ -16,7 +16,7 @@
 use std::{collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, PerCpuArray};
-use pep_common::event::{COUNTER_DECISIONS, COUNTER_LOST};
+use pep_common::event::{COUNTER_ASK_UNRECORDED, COUNTER_DECISIONS, COUNTER_LOST};
 
 use super::{
     decode::{Decision, ExecOp, Mode, NetOp, Verdict},
@@ -79,6 +79,25 @@ impl KernelCounters {
     pub fn lost(&self) -> u64 {
         self.sum(COUNTER_LOST)
     }
+
+    /// Both kinds of decisions the kernel could not deliver.
+    pub fn losses(&self) -> Losses {
+        Losses {
+            ring: self.lost(),
+            ask: self.sum(COUNTER_ASK_UNRECORDED),
+        }
+    }
+}
+
+/// Decisions the kernel counted but could not deliver, as its counters read
+/// (totals since the counters were created).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Losses {
+    /// The audit ring had no room (`audit.lost`, reason `kernel`).
+    pub ring: u64,
+    /// The `ASKS` ring had no room for a network miss, whose ask is its
+    /// record (`audit.lost`, reason `ask`).
+    pub ask: u64,
 }
 
 /// Totals of one pipeline's life.
@@ -92,6 +111,10 @@ pub struct Totals {
     pub lost_reported: u64,
     /// Of `lost_reported`, what the kernel counted.
     pub kernel_lost_reported: u64,
+    /// Network misses whose ask (their record) the kernel could not send.
+    /// Not in `lost_reported`: an ask is not among the kernel's counted
+    /// audit-ring decisions.
+    pub ask_lost_reported: u64,
 }
 
 /// Identity of a repeated denial: the same process doing the same thing
@@ -172,7 +195,7 @@ pub struct Pipeline {
     windows: HashMap<CoalesceKey, Window>,
     /// The `exe` of records (`audit::exe`).
     exes: ExeCache,
-    kernel_lost_seen: u64,
+    kernel_lost_seen: Losses,
     totals: Totals,
     /// The host daemon's sandboxes share one stream: the context of each
     /// record comes from its sandbox id (`with_contexts`), else `sctx`.
@@ -216,7 +239,7 @@ impl Pipeline {
             coalesce_ns: u64::try_from(opts.coalesce.as_nanos()).unwrap_or(u64::MAX),
             windows: HashMap::new(),
             exes: ExeCache::default(),
-            kernel_lost_seen: 0,
+            kernel_lost_seen: Losses::default(),
             totals: Totals::default(),
             contexts: None,
             pdp_feed: None,
@@ -307,12 +330,12 @@ impl Pipeline {
 
     /// The kernel losses already reported before this pipeline started (a
     /// restarted daemon reads the same pinned counter).
-    pub fn set_kernel_lost_seen(&mut self, n: u64) {
+    pub fn set_kernel_lost_seen(&mut self, n: Losses) {
         self.kernel_lost_seen = n;
     }
 
     /// The kernel losses reported so far, baseline included.
-    pub fn kernel_lost_seen(&self) -> u64 {
+    pub fn kernel_lost_seen(&self) -> Losses {
         self.kernel_lost_seen
     }
 
@@ -451,15 +474,27 @@ impl Pipeline {
         self.write(record::lost_record(count, reason, &self.sctx))
     }
 
-    /// The kernel's lost counter now reads `total`: records the increase.
-    pub fn kernel_lost(&mut self, total: u64) -> std::io::Result<()> {
-        if total > self.kernel_lost_seen {
-            let n = total - self.kernel_lost_seen;
-            self.kernel_lost_seen = total;
+    /// The kernel's lost counters now read `total`: records the increase.
+    pub fn kernel_lost(&mut self, total: Losses) -> std::io::Result<()> {
+        if total.ring > self.kernel_lost_seen.ring {
+            let n = total.ring - self.kernel_lost_seen.ring;
+            self.kernel_lost_seen.ring = total.ring;
             self.totals.kernel_lost_reported += n;
             self.lost(n, "kernel")?;
         }
+        if total.ask > self.kernel_lost_seen.ask {
+            let n = total.ask - self.kernel_lost_seen.ask;
+            self.kernel_lost_seen.ask = total.ask;
+            self.ask_lost(n)?;
+        }
         Ok(())
+    }
+
+    /// An `audit.lost` record for `count` network misses whose ask, their
+    /// record, the kernel could not send.
+    pub fn ask_lost(&mut self, count: u64) -> std::io::Result<()> {
+        self.totals.ask_lost_reported += count;
+        self.write(record::lost_record(count, "ask", &self.sctx))
     }
 
     fn write(&mut self, mut rec: Record) -> std::io::Result<()> {
@@ -492,16 +527,17 @@ impl Pipeline {
     pub async fn finish(mut self, counters: Option<&KernelCounters>) -> anyhow::Result<Totals> {
         self.tick(0)?;
         if let Some(c) = counters {
-            self.kernel_lost(c.lost())?;
+            self.kernel_lost(c.losses())?;
             let decisions = c.decisions();
             let t = self.totals;
             let accounted = t.decisions_recorded + t.lost_reported;
             tracing::info!(
-                "audit totals: decisions={decisions} records={} recorded={} lost={} kernel_lost={}",
+                "audit totals: decisions={decisions} records={} recorded={} lost={} kernel_lost={} ask_lost={}",
                 t.records,
                 t.decisions_recorded,
                 t.lost_reported,
-                t.kernel_lost_reported
+                t.kernel_lost_reported,
+                t.ask_lost_reported
             );
             if accounted != decisions {
                 // Events still in flight (a program running while the sandbox
@@ -621,11 +657,15 @@ mod tests {
         for i in 0..3 {
             p.decision(deny(7, i, 53)).expect("ok");
         }
-        p.kernel_lost(10).expect("ok");
-        p.kernel_lost(10).expect("ok");
+        let losses = |ring, ask| Losses { ring, ask };
+        p.kernel_lost(losses(10, 0)).expect("ok");
+        p.kernel_lost(losses(10, 0)).expect("ok");
         p.decision(deny(7, 5, 53)).expect("ok");
-        p.kernel_lost(12).expect("ok");
+        p.kernel_lost(losses(12, 0)).expect("ok");
         p.ingest(&[1, 2, 3]).expect("ok");
+        // Asks the kernel could not send: counted apart, reported once.
+        p.kernel_lost(losses(12, 4)).expect("ok");
+        p.kernel_lost(losses(12, 4)).expect("ok");
         let t = p.finish(None).await.expect("finish");
         let recs = records(&path);
         let actions: Vec<(&str, Option<u64>)> = recs.iter().map(|r| (r.action.as_str(), r.count)).collect();
@@ -639,9 +679,15 @@ mod tests {
                 ("net.send", None),
                 ("audit.lost", Some(2)),
                 ("audit.lost", Some(1)),
+                ("audit.lost", Some(4)),
             ]
         );
-        assert_eq!(recs[6].reason.as_deref(), Some("decode"));
+        let reasons: Vec<Option<&str>> = recs[3..].iter().map(|r| r.reason.as_deref()).collect();
+        assert_eq!(
+            reasons,
+            [Some("kernel"), None, Some("kernel"), Some("decode"), Some("ask")]
+        );
         assert_eq!((t.decisions_recorded, t.lost_reported), (4, 13));
+        assert_eq!((t.kernel_lost_reported, t.ask_lost_reported), (12, 4));
     }
 }

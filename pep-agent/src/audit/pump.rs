@@ -79,7 +79,7 @@ pub async fn pump(
             }
         }
         if let Some(c) = &counters {
-            pipeline.kernel_lost(c.lost())?;
+            pipeline.kernel_lost(c.losses())?;
         }
         pipeline.tick(boot_ns())?;
         pipeline.flush()?;

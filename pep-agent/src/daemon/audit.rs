@@ -105,7 +105,7 @@ impl AuditTask {
                 () = self.pdp_wake.notified() => {}
                 _ = self.shutdown.changed() => {}
             }
-            self.pipeline.kernel_lost(self.counters.lost())?;
+            self.pipeline.kernel_lost(self.counters.losses())?;
             // Every window closes: what was read is written before the
             // ring's position moves past it.
             self.pipeline.tick(0)?;

@@ -18,7 +18,9 @@ use hyper::{
     Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use pep_common::event::{COUNTER_CACHE_HIT, COUNTER_CACHE_MISS, COUNTER_DECISIONS, COUNTER_LOST};
+use pep_common::event::{
+    COUNTER_ASK_LOST, COUNTER_CACHE_HIT, COUNTER_CACHE_MISS, COUNTER_DECISIONS, COUNTER_LOST,
+};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -82,6 +84,7 @@ pub struct Metrics {
     cache_hits: Mirror,
     cache_misses: Mirror,
     lost: Mirror,
+    asks_lost: Mirror,
     /// Set once the programs are attached and every policy installed.
     pub ready: AtomicBool,
     counters: Mutex<Option<PerCpuArray<MapData, u64>>>,
@@ -142,6 +145,12 @@ impl Metrics {
             "Events the ring buffer had no room for (reported in-band as audit.lost)",
             lost.counter.clone(),
         );
+        let asks_lost = Mirror::new();
+        registry.register(
+            "pdp_asks_lost",
+            "Verdict-cache misses the kernel could not send to the PDP (ring full or too many held connects): denied, and reported in-band",
+            asks_lost.counter.clone(),
+        );
         Arc::new(Self {
             registry,
             decisions,
@@ -154,6 +163,7 @@ impl Metrics {
             cache_hits,
             cache_misses,
             lost,
+            asks_lost,
             ready: AtomicBool::new(false),
             counters: Mutex::new(None),
         })
@@ -192,6 +202,7 @@ impl Metrics {
             self.cache_hits.update(sum(COUNTER_CACHE_HIT));
             self.cache_misses.update(sum(COUNTER_CACHE_MISS));
             self.lost.update(sum(COUNTER_LOST));
+            self.asks_lost.update(sum(COUNTER_ASK_LOST));
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

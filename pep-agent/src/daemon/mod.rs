@@ -43,7 +43,7 @@ use self::{
 };
 use crate::{
     audit::{
-        pipeline::{AuditOptions, KernelCounters, Pipeline},
+        pipeline::{AuditOptions, KernelCounters, Losses, Pipeline},
         record::SandboxContext,
         sink::{Rotation, Sink},
     },
@@ -197,7 +197,11 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // loaded maps count from zero.
     let lost_reported = state::load_lost_reported(&cfg.state_dir);
     let fresh_counters = origin != pinned::Origin::Adopted;
-    pipeline.set_kernel_lost_seen(if fresh_counters { 0 } else { lost_reported });
+    pipeline.set_kernel_lost_seen(if fresh_counters {
+        Losses::default()
+    } else {
+        lost_reported
+    });
     let cgroups: Vec<PathBuf> = state.sandboxes.iter().map(|r| r.cgroup.clone()).collect();
     let events = crate::audit::ring::CommitRing::new(enforcer.take_events_map()?)?;
     let counters = KernelCounters::of(&enforcer)?;
@@ -258,14 +262,17 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         if left.undecoded > 0 {
             pipeline.lost(left.undecoded, "upgrade")?;
         }
-        if left.kernel_lost > 0 {
-            pipeline.lost(left.kernel_lost, "kernel")?;
+        if left.kernel_lost.ring > 0 {
+            pipeline.lost(left.kernel_lost.ring, "kernel")?;
+        }
+        if left.kernel_lost.ask > 0 {
+            pipeline.ask_lost(left.kernel_lost.ask)?;
         }
     }
     if fresh_counters {
         // The saved count was of the counter that is gone.
         pipeline.flush()?;
-        state::save_lost_reported(&cfg.state_dir, 0)?;
+        state::save_lost_reported(&cfg.state_dir, Losses::default())?;
     }
     if left.is_some()
         && let Err(e) = upgrade::remove(&retired)

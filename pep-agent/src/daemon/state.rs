@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::Mode;
+use crate::{audit::pipeline::Losses, policy::Mode};
 
 /// Where a sandbox's policy comes from, so a reload can read it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,19 +123,22 @@ impl State {
     }
 }
 
-/// The kernel's lost-event count already reported in the audit log, kept
-/// beside the state so a restarted daemon reports only what is new.
-pub fn load_lost_reported(state_dir: &Path) -> u64 {
-    std::fs::read_to_string(state_dir.join("audit-lost-reported"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+/// The kernel's lost-decision counts already reported in the audit log,
+/// kept beside the state so a restarted daemon reports only what is new:
+/// `RING ASK` (a daemon before asks were counted wrote `RING` alone).
+pub fn load_lost_reported(state_dir: &Path) -> Losses {
+    let text = std::fs::read_to_string(state_dir.join("audit-lost-reported")).unwrap_or_default();
+    let mut n = text.split_whitespace().map(|w| w.parse().unwrap_or(0));
+    Losses {
+        ring: n.next().unwrap_or(0),
+        ask: n.next().unwrap_or(0),
+    }
 }
 
-pub fn save_lost_reported(state_dir: &Path, n: u64) -> std::io::Result<()> {
+pub fn save_lost_reported(state_dir: &Path, n: Losses) -> std::io::Result<()> {
     let p = state_dir.join("audit-lost-reported");
     let tmp = state_dir.join("audit-lost-reported.tmp");
-    std::fs::write(&tmp, n.to_string())?;
+    std::fs::write(&tmp, format!("{} {}", n.ring, n.ask))?;
     std::fs::rename(tmp, p)
 }
 
@@ -156,4 +159,20 @@ pub fn mode_name(m: Option<Mode>) -> Option<String> {
         Mode::Enforce => "enforce".to_string(),
         Mode::Audit => "audit".to_string(),
     })
+}
+
+#[cfg(test)]
+mod lost_tests {
+    use super::*;
+
+    #[test]
+    fn both_counts_round_trip_and_an_older_single_count_reads_as_the_ring() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert_eq!(load_lost_reported(d.path()), Losses::default(), "none saved");
+        let n = Losses { ring: 7, ask: 3 };
+        save_lost_reported(d.path(), n).expect("save");
+        assert_eq!(load_lost_reported(d.path()), n);
+        std::fs::write(d.path().join("audit-lost-reported"), "12").expect("write");
+        assert_eq!(load_lost_reported(d.path()), Losses { ring: 12, ask: 0 });
+    }
 }

@@ -40,7 +40,7 @@ use aya::maps::{Map, MapData, RingBuf};
 use sha2::{Digest as _, Sha256};
 
 use super::pinned::{attached_ids, obj_get, prog_id, remove_pins};
-use crate::audit::pipeline::KernelCounters;
+use crate::audit::pipeline::{KernelCounters, Losses};
 
 /// The prefix of the directory that names the build of what is pinned.
 const STAMP: &str = "build-";
@@ -155,7 +155,7 @@ pub struct Leftovers {
     /// Records in their ring buffers, in a layout this build cannot decode.
     pub undecoded: u64,
     /// Drops their kernel side counted beyond `kernel_lost_reported`.
-    pub kernel_lost: u64,
+    pub kernel_lost: Losses,
     /// Connects they held for their PDP task, now held by this build until
     /// their SYN retries run out.
     pub held: u64,
@@ -169,7 +169,7 @@ pub struct Leftovers {
 pub fn detach_and_count(
     retired: &[PathBuf],
     cgroups: &[PathBuf],
-    kernel_lost_reported: u64,
+    kernel_lost_reported: Losses,
 ) -> io::Result<Leftovers> {
     let mut left = Leftovers::default();
     for dir in retired {
@@ -188,7 +188,8 @@ pub fn detach_and_count(
             }
         }
         if let Some(n) = kernel_lost(&dir.join("maps/COUNTERS")) {
-            left.kernel_lost += n.saturating_sub(kernel_lost_reported);
+            left.kernel_lost.ring += n.ring.saturating_sub(kernel_lost_reported.ring);
+            left.kernel_lost.ask += n.ask.saturating_sub(kernel_lost_reported.ask);
         }
     }
     Ok(left)
@@ -245,9 +246,9 @@ fn count_ring(path: &Path) -> Option<u64> {
 
 /// The drops counted in the per-CPU counters pinned at `path`, if they have
 /// this build's shape.
-fn kernel_lost(path: &Path) -> Option<u64> {
+fn kernel_lost(path: &Path) -> Option<Losses> {
     let data = MapData::from_pin(path).ok()?;
-    Some(KernelCounters::from_map(&data).ok()?.lost())
+    Some(KernelCounters::from_map(&data).ok()?.losses())
 }
 
 #[cfg(test)]
