@@ -99,7 +99,7 @@ pub(super) fn replay(shared: &Shared, miss: Miss, answer: &AppliedAnswer, token:
         &parts.key,
         parts.target,
     );
-    tracing::info!("pdp: wrote the record of an answer applied before a restart");
+    tracing::debug!("pdp: the record of an answer applied before a restart");
     send(
         shared,
         AskRecord {

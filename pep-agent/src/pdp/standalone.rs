@@ -1,5 +1,7 @@
 //! Asking in `pep-agent run`: what the run does, in order, when the policy's
-//! `network.default` or `exec.default` is `ask`.
+//! `network.default` or `exec.default` is `ask`. What a policy asks about
+//! and the settings of its PDP (`asks`, `ask_flags`, `settings`, `budget`)
+//! are the daemon's too (`daemon::reload`).
 
 use std::{
     sync::{Arc, atomic::AtomicBool},

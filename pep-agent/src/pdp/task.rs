@@ -415,6 +415,10 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
     // Only misses already in the ring now can have been answered by an
     // earlier daemon: later ones skip the `ASK_APPLIED` lookup.
     let replay_until = asks.produced();
+    // Records written from answers an earlier daemon kept: one line says
+    // how many, once the ring is read past them.
+    let mut replayed = 0u64;
+    let mut replay_told = false;
     boost_priority();
     if let Some(s) = shared.any_settings() {
         warm_up(&s);
@@ -480,6 +484,7 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
                 && let Some(answer) = a.applied_answer(&miss.applied_key())
             {
                 super::recovered::replay(shared, miss, &answer, t);
+                replayed += 1;
                 continue;
             }
             let Some(settings) = shared.settings_of(miss.sandbox_id()) else {
@@ -512,6 +517,14 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
                         finish(&shared, ask, result, started.elapsed(), query_ns);
                     });
                 }
+            }
+        }
+        if !replay_told && asks.position() >= replay_until {
+            replay_told = true;
+            if replayed > 0 {
+                tracing::info!(
+                    "pdp: wrote the records of {replayed} answers an earlier daemon applied before it stopped (pdp.recovered)"
+                );
             }
         }
         if last_sweep.elapsed() > Duration::from_secs(1) {
