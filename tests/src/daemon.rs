@@ -127,12 +127,14 @@ impl TestDaemon {
     }
 
     pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(180);
         loop {
             if self
                 .try_request(r#"{"op":"ping"}"#)
                 .is_some_and(|r| r["ok"] == true)
             {
+                eprintln!("daemon ready after {:?}", started.elapsed());
                 return;
             }
             if let Some(c) = self.child.as_mut()
@@ -145,11 +147,33 @@ impl TestDaemon {
             }
             assert!(
                 Instant::now() < deadline,
-                "the daemon did not get ready:\n{}",
-                self.logs()
+                "the daemon did not get ready:\n{}\n{}",
+                self.logs(),
+                self.where_it_waits()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Where each of the daemon's threads waits in the kernel, for the
+    /// message of a daemon that hangs.
+    fn where_it_waits(&self) -> String {
+        let Some(c) = self.child.as_ref() else {
+            return String::new();
+        };
+        let tasks = format!("/proc/{}/task", c.id());
+        let mut out = String::new();
+        for t in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+            let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+            out.push_str(&format!(
+                "--- thread {} {} wchan {}\n{}",
+                t.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan"),
+                read("stack")
+            ));
+        }
+        out
     }
 
     pub fn pid(&self) -> u32 {

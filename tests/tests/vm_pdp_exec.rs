@@ -125,3 +125,119 @@ fn exec_misses_are_denied_asked_and_cached() {
         "{execs:#?}"
     );
 }
+
+/// The same through the host daemon, across a SIGKILL: the cached exec
+/// verdicts stay enforced while no daemon runs; an exec of a file never
+/// asked about is denied then (nobody answers) and its miss waits in the
+/// ring; the restarted daemon answers it, so the file's next exec follows
+/// the PDP. Every miss has its record, with the sandbox's name.
+#[test]
+fn exec_asks_through_the_daemon_outlive_sigkill() {
+    use pep_tests::daemon::TestDaemon;
+    let lsms = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    assert!(
+        lsms.split(',').any(|l| l.trim() == "bpf"),
+        "this test runs where BPF LSM is enabled (the VM); LSM list: {lsms}"
+    );
+    let s = Scratch::new("dpdp-exec");
+    let d = &s.dir;
+    std::fs::create_dir_all(d.join("bin")).expect("mkdir");
+    for name in ["ok", "no", "later"] {
+        std::fs::copy("/usr/bin/true", d.join("bin").join(name)).expect("copy true");
+    }
+    let path = |name: &str| d.join("bin").join(name).display().to_string();
+    let (ok, no, later) = (path("ok"), path("no"), path("later"));
+    let rego = s.write(
+        "exec.rego",
+        &format!(
+            "package pep\n\
+             default decision := {{\"allow\": false, \"reason\": \"not listed\"}}\n\
+             decision := {{\"allow\": true, \"ttl_s\": 300}} if {{\n\
+             \x20 input.action == \"exec\"\n  input.resource.path in {{\"{ok}\", \"{later}\"}}\n}}\n"
+        ),
+    );
+    let python = std::fs::canonicalize("/usr/bin/python3").expect("python3");
+    let policy = format!(
+        "apiVersion: pep/v1\nname: execask\nexec:\n  default: ask\n  rules:\n\
+         \x20   - allow: {{ path: {} }}\n\
+         pdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n  cache_ttl_s: 300\n",
+        python.display(),
+        rego.display()
+    );
+    let mut daemon = TestDaemon::new("dpdp-exec", &[("execask", &policy)], "lsm: on\n", false);
+    daemon.start();
+    let r = daemon.request(r#"{"op":"create","name":"execask","policy":"execask"}"#);
+    assert_eq!(r["ok"], true, "{r}\n{}", daemon.logs());
+    let cg = daemon.cgroup("execask");
+    let probe = s.write("probe.py", PROBE);
+    let run = |ops: &[&str]| -> Vec<String> {
+        use std::os::unix::process::CommandExt as _;
+        let procs = cg.join("cgroup.procs");
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg(&probe).args(ops);
+        // SAFETY: a write(2) to a cgroup file between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, "0"));
+        }
+        let out = cmd.output().expect("probe");
+        assert!(out.status.success(), "{}", describe(&out));
+        probe_results(&out)
+    };
+
+    assert_eq!(
+        run(&["exec", &no, "until-ok", &ok, "exec", &no]),
+        ["EPERM", "OK", "EPERM"],
+        "asked, then from the cache\n{}",
+        daemon.logs()
+    );
+    daemon.kill9();
+    assert_eq!(
+        run(&["exec", &ok, "exec", &no, "exec", &later, "exec", &later]),
+        ["OK", "EPERM", "EPERM", "EPERM"],
+        "with no daemon: the cache decides, a new file is denied"
+    );
+    daemon.start();
+    assert_eq!(
+        run(&["until-ok", &later, "exec", &no]),
+        ["OK", "EPERM"],
+        "the restarted daemon answered the miss\n{}",
+        daemon.logs()
+    );
+    daemon.stop();
+    let v = daemon.cli(None, &["events", "verify", daemon.audit.to_str().expect("utf8")]);
+    assert!(v.status.success(), "{}", describe(&v));
+
+    let recs = read_audit(&daemon.audit);
+    let execs: Vec<_> = recs
+        .iter()
+        .filter(|r| r["action"] == "exec" && r["sandbox"] == "execask")
+        .collect();
+    let of = |p: &str, source: &str| -> Vec<&serde_json::Value> {
+        execs
+            .iter()
+            .filter(|r| r["exec"]["path"] == p && r["source"] == source)
+            .copied()
+            .collect()
+    };
+    // One record per miss: `no` once (then cached), `ok` until its answer
+    // was cached, `later` twice while no daemon ran (both misses waited in
+    // the ring) and until the restarted daemon's answer was cached.
+    let asked = |p: &str| of(p, "pdp").len();
+    assert_eq!(asked(&no), 1, "{execs:#?}");
+    assert!(asked(&ok) >= 1 && asked(&later) >= 2, "{execs:#?}");
+    for r in of(&later, "pdp") {
+        assert_eq!(r["verdict"], "deny", "denied while asking: {r:#}");
+        assert_eq!(r["pdp"]["answer"], "allow", "{r:#}");
+        assert_eq!(r["pdp"]["engine"], "rego", "{r:#}");
+    }
+    assert!(
+        of(&ok, "cache").iter().any(|r| r["verdict"] == "allow"),
+        "{execs:#?}"
+    );
+    assert!(of(&no, "cache").len() >= 2, "{execs:#?}");
+    assert!(
+        of(&later, "cache").iter().any(|r| r["verdict"] == "allow"),
+        "{execs:#?}"
+    );
+    daemon.uninstall();
+}
