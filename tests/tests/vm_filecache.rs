@@ -117,10 +117,10 @@ fn renames_by_other_processes_invalidate() {
         let d = d.clone();
         let (ready, go) = (ready.clone(), go.clone());
         std::thread::spawn(move || {
-            for _ in 0..6000 {
-                if ready.exists() {
-                    break;
-                }
+            // The run loads the programs first: about a minute for a debug
+            // build in the emulated guest.
+            let deadline = std::time::Instant::now() + Duration::from_secs(180);
+            while !ready.exists() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
             assert!(ready.exists(), "the sandbox never got ready");

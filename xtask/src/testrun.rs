@@ -4,7 +4,9 @@
 //! 1. unit: every library/binary unit test, run as an unprivileged user;
 //! 2. host: `pep-tests` binaries named `host_*`, as root on the host kernel;
 //! 3. vm: the harness self-test, then `pep-tests` binaries named `vm_*`, as
-//!    root inside the Debian kernel in QEMU, where BPF LSM works.
+//!    root inside the Debian kernel in QEMU, where BPF LSM works. They run
+//!    a release `pep-agent`: under TCG a debug build takes about a minute
+//!    to load its programs, at every `run` and daemon start.
 
 use std::{
     path::{Path, PathBuf},
@@ -79,6 +81,18 @@ fn parse_libtest(output: &str) -> (Counts, Vec<String>, Vec<String>) {
         }
     }
     (c, failures, ignored)
+}
+
+/// `cargo build --release -p pep-agent`: the binary the VM tests run.
+fn build_release(root: &Path) -> Result<PathBuf> {
+    let st = Command::new("cargo")
+        .args(["build", "--release", "--package", "pep-agent"])
+        .current_dir(root)
+        .status()?;
+    if !st.success() {
+        bail!("cargo build --release -p pep-agent failed");
+    }
+    Ok(root.join("target/release/pep-agent"))
 }
 
 fn build_tests(root: &Path) -> Result<Vec<TestBin>> {
@@ -271,6 +285,11 @@ pub fn run(opts: Options) -> Result<()> {
             .filter(|b| is_it(b, "vm_"))
             .filter(|b| selected(b))
             .collect();
+        let pep_agent = if vm_bins.is_empty() {
+            pep_agent.clone()
+        } else {
+            build_release(&root)?
+        };
         let cmds: Vec<vm::VmCommand> = vm_bins
             .iter()
             .map(|b| {
@@ -289,7 +308,9 @@ pub fn run(opts: Options) -> Result<()> {
             })
             .collect();
         if !cmds.is_empty() {
-            match vm::run_in_vm(&cmds, Duration::from_secs(25 * 60)) {
+            // TCG's speed depends on the host: the phase has taken from 8
+            // minutes to more than 25 on machines of the same kind.
+            match vm::run_in_vm(&cmds, Duration::from_secs(45 * 60)) {
                 Ok(results) => {
                     for r in results {
                         let (mut c, _, _) = parse_libtest(&r.output);
