@@ -22,7 +22,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use pep_common::ask::{ASK_HELD, AskEvent};
 
-use super::pinned::{obj_get, sys_bpf};
+use super::pinned::{obj_get, obj_info, sys_bpf};
 
 /// `AskEvent::sent` of an entry taken over from a retired build: no event
 /// is to be sent for it (and this build's sock_ops program sends none, as
@@ -78,23 +78,11 @@ pub fn take_over(old: &Path, new: &Path) -> io::Result<u64> {
     Ok(taken)
 }
 
-/// `BPF_OBJ_GET_INFO_BY_FD` on a map: its key and value sizes.
+/// A map's key and value sizes.
 fn map_sizes(map: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
     // `struct bpf_map_info` starts with `type`, `id`, `key_size`, `value_size`.
     let mut info = [0u32; 4];
-    let mut attr = InfoAttr {
-        bpf_fd: map.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    obj_info(map, &mut info)?;
     Ok((info[2], info[3]))
 }
 

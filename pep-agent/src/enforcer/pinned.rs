@@ -395,8 +395,17 @@ pub(super) fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_
     }
 }
 
-/// The kernel id of a program (`BPF_OBJ_GET_INFO_BY_FD`).
+/// The kernel id of a program.
 pub fn prog_id(prog: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+    // `struct bpf_prog_info` starts with `type`, then `id`.
+    let mut info = [0u32; 2];
+    obj_info(prog, &mut info)?;
+    Ok(info[1])
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD`: the first `info.len()` words of the object's
+/// info struct (`bpf_prog_info`, `bpf_map_info`, ...).
+pub(super) fn obj_info(obj: std::os::fd::BorrowedFd<'_>, info: &mut [u32]) -> io::Result<()> {
     use std::os::fd::AsRawFd as _;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     #[repr(C)]
@@ -405,15 +414,13 @@ pub fn prog_id(prog: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
         info_len: u32,
         info: u64,
     }
-    // `struct bpf_prog_info` starts with `type`, then `id`.
-    let mut info = [0u32; 2];
     let mut attr = InfoAttr {
-        bpf_fd: prog.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
+        bpf_fd: obj.as_raw_fd() as u32,
+        info_len: size_of_val(info) as u32,
         info: info.as_mut_ptr() as u64,
     };
     sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(info[1])
+    Ok(())
 }
 
 /// Ids of the programs attached to a cgroup for `attach_type` (`BPF_PROG_QUERY`).
