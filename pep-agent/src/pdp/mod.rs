@@ -23,6 +23,7 @@ pub mod answer;
 mod apply;
 pub mod builtin;
 pub mod cache;
+mod compiled;
 pub mod engine;
 pub mod eval;
 pub mod input;

@@ -1,14 +1,20 @@
 //! The `rego` engine: Rego modules evaluated in-process by `regorus`.
 //!
 //! Loading parses every module, so invalid Rego is rejected at `policy
-//! check` and at load, with regorus' `file:line:col` message.
+//! check` and at load, with regorus' `file:line:col` message. The decision
+//! rule is then compiled to regorus' bytecode VM where it can be
+//! (`compiled`): decisions run there, the interpreter stays the reference.
 
 use std::{path::Path, sync::Mutex};
 
 use serde_json::Value;
 
 use super::{
-    DecideFuture, Pdp, PdpDecision, PdpError, answer::parse_result, input::Interned, new_decision_id,
+    DecideFuture, Pdp, PdpDecision, PdpError,
+    answer::parse_result,
+    compiled::{self, Compiled},
+    input::Interned,
+    new_decision_id,
     query::Query,
 };
 
@@ -27,18 +33,49 @@ pub struct Rego {
 
 struct Inner {
     engine: regorus::Engine,
+    /// `query` on the VM, if it compiles there and agrees with `engine`.
+    compiled: Option<Compiled>,
     /// What `decide_now` builds its input from.
     input: Interned,
+}
+
+impl Inner {
+    /// `query`'s value for `input`: on the VM if `query` is the rule it
+    /// runs and it answers, else by the interpreter.
+    fn eval(&mut self, query: &str, rule: &str, input: regorus::Value) -> Result<regorus::Value, RegoError> {
+        if query == rule
+            && let Some(c) = &mut self.compiled
+            && let Some(v) = c.run(input.clone())
+        {
+            return Ok(v);
+        }
+        eval_value(&mut self.engine, query, input)
+    }
 }
 
 impl Rego {
     /// Loads `files` (Rego v1 syntax, as OPA 1.x) to answer `query`
     /// (`data.<package>.<rule>`).
     pub fn load(files: &[impl AsRef<Path>], query: &str) -> Result<Self, RegoError> {
-        let engine = load_engine(files)?;
+        let mut engine = load_engine(files)?;
+        let compiled = match Compiled::new(&mut engine, query, &compiled::probes("probe", "")) {
+            Ok(c) => {
+                tracing::info!("rego: `{query}` runs on regorus' VM");
+                Some(c)
+            }
+            Err(e @ (compiled::NotCompiled::Unsupported(_) | compiled::NotCompiled::MayDiffer(_))) => {
+                tracing::info!("rego: `{query}` is evaluated by the interpreter: {e}");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("rego: `{query}` is evaluated by the interpreter: {e}");
+                None
+            }
+        };
         Ok(Self {
             engine: Mutex::new(Inner {
                 engine,
+                compiled,
                 input: Interned::default(),
             }),
             query: query.to_owned(),
@@ -48,7 +85,32 @@ impl Rego {
     /// `query`'s value for `input`; `None` when undefined.
     pub fn eval(&self, query: &str, input: &Value) -> Result<Option<Value>, RegoError> {
         let mut inner = self.engine.lock().unwrap_or_else(|e| e.into_inner());
-        eval_in(&mut inner.engine, query, input)
+        let value = inner.eval(query, &self.query, regorus::Value::from(input.clone()))?;
+        if value == regorus::Value::Undefined {
+            return Ok(None);
+        }
+        to_json(query, &value).map(Some)
+    }
+
+    /// This engine with every decision made by the interpreter, the
+    /// reference the VM is checked against (what the VM gains is measured
+    /// against it).
+    pub fn interpreter_only(self) -> Self {
+        let mut inner = self.engine.into_inner().unwrap_or_else(|e| e.into_inner());
+        inner.compiled = None;
+        Self {
+            engine: Mutex::new(inner),
+            query: self.query,
+        }
+    }
+
+    /// Whether decisions run on regorus' VM (else on its interpreter).
+    pub fn compiled(&self) -> bool {
+        self.engine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .compiled
+            .is_some()
     }
 
     pub fn query(&self) -> &str {
@@ -160,7 +222,7 @@ impl Pdp for Rego {
     fn decide_now(&self, query: &Query) -> Option<Result<PdpDecision, PdpError>> {
         let mut inner = self.engine.lock().unwrap_or_else(|e| e.into_inner());
         let input = inner.input.input(query);
-        let value = eval_value(&mut inner.engine, &self.query, input);
+        let value = inner.eval(&self.query, &self.query, input);
         drop(inner);
         Some(
             value
@@ -298,6 +360,57 @@ mod tests {
         }
         assert!(r.decide_now(&queries[0]).unwrap().unwrap().answer.allow);
         assert_eq!(r.decide_now(&queries[0]).unwrap().unwrap().answer.ttl_s, Some(9));
+    }
+
+    #[test]
+    fn decisions_run_on_the_vm_where_it_compiles_and_else_on_the_interpreter() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let load = |name: &str, text: &str| {
+            Rego::load(&[write(dir.path(), name, text)], "data.pep.decision").expect("load")
+        };
+        let mut q = crate::pdp::query::Query {
+            subject: crate::pdp::query::Subject {
+                sandbox: "s".into(),
+                pid: 1,
+                uid: 0,
+                comm: "c".into(),
+                exe: None,
+                labels: Default::default(),
+            },
+            action: "net.connect".into(),
+            resource: Resource::net("::1".parse().unwrap(), 443, 6),
+            context: crate::pdp::query::Context::now("r"),
+        };
+        let allow = |r: &Rego, q: &Query| r.decide_now(q).unwrap().map(|d| d.answer.allow);
+        let vm = load(
+            "vm.rego",
+            "package pep\ndefault decision := false\ndecision if input.resource.dport == 443\n",
+        );
+        assert!(vm.compiled());
+        // `with` is not compiled: the interpreter decides, alike.
+        let interp = load(
+            "with.rego",
+            "package pep\nport := input.resource.dport\ndefault decision := false\n\
+             decision if { port == 443 with input.resource.dport as input.resource.dport }\n",
+        );
+        assert!(!interp.compiled());
+        for r in [&vm, &interp] {
+            assert!(allow(r, &q).expect("decides"));
+        }
+        q.resource = Resource::net("::1".parse().unwrap(), 22, 6);
+        for r in [&vm, &interp] {
+            assert!(!allow(r, &q).expect("decides"));
+        }
+        // Conflicting values: the VM gives undefined, which is left to the
+        // interpreter, whose error stands (a deny that says why).
+        let conflict = load(
+            "conflict.rego",
+            "package pep\ndecision := true if input.resource.dport == 22\n\
+             decision := false if input.action == \"net.connect\"\n",
+        );
+        assert!(conflict.compiled(), "no probe meets the conflict");
+        let err = allow(&conflict, &q).expect_err("a conflict is an error");
+        assert!(err.to_string().contains("conflict"), "{err}");
     }
 
     #[test]
