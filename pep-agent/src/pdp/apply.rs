@@ -254,7 +254,7 @@ pub(super) fn finish(
     };
     // The verdict goes into the cache before the connect is released, so
     // the retransmitted SYN, and every later connect, sees it.
-    let (verdict, pdp) = {
+    let (ended, early) = {
         let mut maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ttl) = cache_ttl
             && let Err(e) = maps.put(&key, out.allow, s.revision, ttl)
@@ -284,9 +284,11 @@ pub(super) fn finish(
             release_or_destroy(&mut maps, ev, out.allow, daddr);
         }
         drop(maps);
-        early.unwrap_or_else(|| record(ended))
+        (ended, early)
     };
+    // The answer is in force: the rest is the record.
     let written_ns = boot_ns();
+    let (verdict, pdp) = early.unwrap_or_else(|| record(ended));
     shared
         .timings
         .lock()
