@@ -411,6 +411,26 @@ mod tests {
         assert!(conflict.compiled(), "no probe meets the conflict");
         let err = allow(&conflict, &q).expect_err("a conflict is an error");
         assert!(err.to_string().contains("conflict"), "{err}");
+        // Where the VM alone would allow (a conflicting helper it makes
+        // undefined; a helper with two values it takes the first of), the
+        // interpreter decides, and fails the decision: a deny.
+        q.resource = Resource::net("::1".parse().unwrap(), 443, 6);
+        for (name, text) in [
+            (
+                "helper.rego",
+                "package pep\nhelper := true if input.resource.dport == 443\n\
+                 helper := false if input.action == \"net.connect\"\ndecision if not helper\n",
+            ),
+            (
+                "first.rego",
+                "package pep\nport := p if { some p in [1, input.resource.dport] }\ndecision if port == 1\n",
+            ),
+        ] {
+            let r = load(name, text);
+            assert!(!r.compiled(), "{name}");
+            let err = allow(&r, &q).expect_err(name);
+            assert!(err.to_string().contains("rule"), "{name}: {err}");
+        }
     }
 
     #[test]
