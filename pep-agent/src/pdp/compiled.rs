@@ -105,7 +105,11 @@ impl Compiled {
     /// on conflicting rule values (as OPA does), the VM gives undefined.
     pub(super) fn run(&mut self, input: Value) -> Option<Value> {
         self.vm.set_input(input);
-        match self.vm.execute() {
+        let out = self.vm.execute();
+        // Not kept: the ask thread refills its last input in place when
+        // nothing else holds it (`input::Interned`).
+        self.vm.set_input(Value::Null);
+        match out {
             Ok(Value::Undefined) => None,
             Ok(v) => Some(v),
             Err(e) => {

@@ -6,12 +6,15 @@
 //! every allocation then costs. So the strings that recur from ask to ask
 //! (the field names, the actions and protocols, the sandbox, the host, the
 //! policy revision) are made once (`Interned`), and each ask clones their
-//! reference counts; only the per-ask strings (comm, exe, address, time) and
-//! the objects are allocated.
+//! reference counts. And the last document made is kept: the next query of
+//! the same shape (the same kind of resource) refills it in place, once
+//! nothing else holds it (the VM lets its input go after each run), so
+//! only the strings that changed (the address, the time) are allocated,
+//! not five objects and their keys' storage.
 
 use std::collections::BTreeMap;
 
-use regorus::Value as V;
+use regorus::{Value as V, value::Object};
 
 use super::query::{Query, Resource};
 
@@ -46,6 +49,43 @@ pub struct Interned {
     recurring: [(String, Option<V>); 3],
     /// Small closed sets: actions, protocols.
     words: Vec<(&'static str, V)>,
+    /// The last document made, and its shape.
+    last: Option<(Shape, V)>,
+}
+
+/// What a document's fields are: the same for two queries of one shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Net { domain: bool },
+    File,
+    Exec,
+}
+
+impl Shape {
+    fn of(q: &Query) -> Self {
+        match &q.resource {
+            Resource::Net { domain, .. } => Self::Net {
+                domain: domain.is_some(),
+            },
+            Resource::File { .. } => Self::File,
+            Resource::Exec { .. } => Self::Exec,
+        }
+    }
+}
+
+/// Field `k` of `o` set to `v` (`None`: no such field).
+fn put(o: &mut Object, k: &V, v: V) -> Option<()> {
+    *o.get_mut(k)? = v;
+    Some(())
+}
+
+/// Field `k` of `o` set to the string `s`, made only if it differs.
+fn put_str(o: &mut Object, k: &V, s: &str) -> Option<()> {
+    let slot = o.get_mut(k)?;
+    if !matches!(slot, V::String(cur) if **cur == *s) {
+        *slot = V::from(s);
+    }
+    Some(())
 }
 
 impl Default for Interned {
@@ -87,6 +127,7 @@ impl Default for Interned {
             .into_iter()
             .map(|w| (w, v(w)))
             .collect(),
+            last: None,
         }
     }
 }
@@ -115,8 +156,88 @@ impl Interned {
             .map_or_else(|| V::from(text), |(_, v)| v.clone())
     }
 
-    /// `q` as regorus' input.
+    /// `q` as regorus' input: the last document refilled if `q` has its
+    /// shape, else a new one.
     pub fn input(&mut self, q: &Query) -> V {
+        let shape = Shape::of(q);
+        if let Some((s, mut doc)) = self.last.take()
+            && s == shape
+            && self.refill(&mut doc, q).is_some()
+        {
+            self.last = Some((shape, doc.clone()));
+            return doc;
+        }
+        let doc = self.build(q);
+        self.last = Some((shape, doc.clone()));
+        doc
+    }
+
+    /// Sets every field of `doc`, a document of `q`'s shape, from `q`.
+    /// Objects still shared (a caller kept the last input) are copied
+    /// first, so a document handed out never changes.
+    fn refill(&mut self, doc: &mut V, q: &Query) -> Option<()> {
+        let s = &q.subject;
+        let c = &q.context;
+        let sandbox = self.recurring(SANDBOX, &s.sandbox);
+        let host = self.recurring(HOST, &c.host);
+        let revision = self.recurring(REVISION, &c.policy_revision);
+        let action = self.word(&q.action);
+        let protocol = match &q.resource {
+            Resource::Net { protocol, .. } => Some(self.word(protocol)),
+            _ => None,
+        };
+        let k = &self.k;
+        let top = doc.as_object_mut().ok()?;
+        put(top, &k.action, action)?;
+        let subject = top.get_mut(&k.subject)?.as_object_mut().ok()?;
+        put(subject, &k.sandbox, sandbox)?;
+        put(subject, &k.pid, V::from(s.pid))?;
+        put(subject, &k.uid, V::from(s.uid))?;
+        put_str(subject, &k.comm, &s.comm)?;
+        match s.exe.as_deref() {
+            Some(exe) => put_str(subject, &k.exe, exe)?,
+            None => put(subject, &k.exe, V::Null)?,
+        }
+        let labels = subject.get_mut(&k.labels)?;
+        if !(s.labels.is_empty() && labels.as_object().is_ok_and(Object::is_empty)) {
+            *labels = V::from(
+                s.labels
+                    .iter()
+                    .map(|(k, v)| (V::from(k.as_str()), V::from(v.as_str())))
+                    .collect::<BTreeMap<V, V>>(),
+            );
+        }
+        let resource = top.get_mut(&k.resource)?.as_object_mut().ok()?;
+        match &q.resource {
+            Resource::Net {
+                daddr, dport, domain, ..
+            } => {
+                put_str(resource, &k.daddr, daddr)?;
+                put(resource, &k.dport, V::from(u32::from(*dport)))?;
+                put(resource, &k.protocol, protocol?)?;
+                if let Some(d) = domain {
+                    put_str(resource, &k.domain, d)?;
+                }
+            }
+            Resource::File { path, access } => {
+                put_str(resource, &k.path, path)?;
+                put(
+                    resource,
+                    &k.access,
+                    V::from(access.iter().map(|a| V::from(a.as_str())).collect::<Vec<_>>()),
+                )?;
+            }
+            Resource::Exec { path } => put_str(resource, &k.path, path)?,
+        }
+        let context = top.get_mut(&k.context)?.as_object_mut().ok()?;
+        put_str(context, &k.time, &c.time)?;
+        put(context, &k.host, host)?;
+        put(context, &k.policy_revision, revision)?;
+        Some(())
+    }
+
+    /// `q` as a new document.
+    fn build(&mut self, q: &Query) -> V {
         let obj = |fields: Vec<(V, V)>| V::from(fields.into_iter().collect::<BTreeMap<V, V>>());
         let s = &q.subject;
         let labels: BTreeMap<V, V> = s

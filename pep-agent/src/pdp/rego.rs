@@ -329,16 +329,40 @@ mod tests {
         ];
         // Fresh, and from one `Interned` reused across queries, as the ask
         // thread does; then with the recurring strings changed (a reload).
+        // Queries of one shape in a row refill the last document in place:
+        // each field must change, and no document handed out may.
         let mut interned = crate::pdp::input::Interned::default();
         let mut reloaded = queries[0].clone();
         reloaded.subject.sandbox = "other".into();
         reloaded.context.host = "h2".into();
         reloaded.context.policy_revision = "sha256:y".into();
-        for query in queries.iter().chain([&reloaded, &queries[1]]) {
+        let mut next = reloaded.clone();
+        next.subject.pid = 7;
+        next.subject.uid = 0;
+        next.subject.comm = "wget".into();
+        next.subject.exe = None;
+        next.subject.labels.clear();
+        next.resource = Resource::net("192.0.2.9".parse().unwrap(), 8443, 17);
+        next.action = "net.send".into();
+        next.context.time = "2026-11-25T16:20:21Z".into();
+        let mut handed = Vec::new();
+        for query in queries
+            .iter()
+            .chain([&reloaded, &next, &next, &queries[1], &queries[1]])
+        {
             let json = regorus::Value::from(query.to_input());
             assert_eq!(input_value(query), json, "{query:?}");
-            assert_eq!(interned.input(query), json, "{query:?}");
+            let doc = interned.input(query);
+            assert_eq!(doc, json, "{query:?}");
+            handed.push((doc, json));
         }
+        for (doc, json) in &handed {
+            assert_eq!(doc, json, "a document handed out changed");
+        }
+        drop(handed);
+        // And once nothing else holds the last one.
+        let again = interned.input(&next);
+        assert_eq!(again, regorus::Value::from(next.to_input()));
         // And decides alike: inline and through the JSON document.
         let dir = tempfile::tempdir().expect("tempdir");
         let f = write(
