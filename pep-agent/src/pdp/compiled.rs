@@ -13,6 +13,10 @@
 //! query use, so the VM must never answer otherwise.
 //! - A rule the VM compiler does not take (`with`, some partial objects, a
 //!   package path as the query) is left to the interpreter.
+//! - So is a program in which a rule the decision uses could have two
+//!   values for one input (`may_conflict`, `single_valued`): there the VM
+//!   gives a value, undefined or the first, where the interpreter and OPA
+//!   fail the evaluation.
 //! - At load, the VM must give the interpreter's result for every probe
 //!   input (`probes`: each action and resource kind); any difference and
 //!   the interpreter decides, with a warning.
