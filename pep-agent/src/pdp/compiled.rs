@@ -9,8 +9,8 @@
 //! warm and 10-30 us after the same millisecond (`benches/pdp.rs` measures
 //! both).
 //!
-//! Trust: the interpreter is what `policy eval`, `pdp serve` and the rules
-//! query use, so the VM must never answer otherwise.
+//! Trust: the interpreter is the reference (`pdp serve` uses it for any
+//! path), so the VM must never answer otherwise.
 //! - A rule the VM compiler does not take (`with`, some partial objects, a
 //!   package path as the query) is left to the interpreter.
 //! - So is a program in which a rule the decision uses could have two
