@@ -73,6 +73,21 @@ impl Shape {
     }
 }
 
+/// A subject's labels as an object.
+fn labels_value(labels: &BTreeMap<String, String>) -> V {
+    V::from(
+        labels
+            .iter()
+            .map(|(k, v)| (V::from(k.as_str()), V::from(v.as_str())))
+            .collect::<BTreeMap<V, V>>(),
+    )
+}
+
+/// A file resource's access list as an array.
+fn access_value(access: &[String]) -> V {
+    V::from(access.iter().map(|a| V::from(a.as_str())).collect::<Vec<_>>())
+}
+
 /// Field `k` of `o` set to `v` (`None`: no such field).
 fn put(o: &mut Object, k: &V, v: V) -> Option<()> {
     *o.get_mut(k)? = v;
@@ -200,12 +215,7 @@ impl Interned {
         }
         let labels = subject.get_mut(&k.labels)?;
         if !(s.labels.is_empty() && labels.as_object().is_ok_and(Object::is_empty)) {
-            *labels = V::from(
-                s.labels
-                    .iter()
-                    .map(|(k, v)| (V::from(k.as_str()), V::from(v.as_str())))
-                    .collect::<BTreeMap<V, V>>(),
-            );
+            *labels = labels_value(&s.labels);
         }
         let resource = top.get_mut(&k.resource)?.as_object_mut().ok()?;
         match &q.resource {
@@ -221,11 +231,7 @@ impl Interned {
             }
             Resource::File { path, access } => {
                 put_str(resource, &k.path, path)?;
-                put(
-                    resource,
-                    &k.access,
-                    V::from(access.iter().map(|a| V::from(a.as_str())).collect::<Vec<_>>()),
-                )?;
+                put(resource, &k.access, access_value(access))?;
             }
             Resource::Exec { path } => put_str(resource, &k.path, path)?,
         }
@@ -240,11 +246,6 @@ impl Interned {
     fn build(&mut self, q: &Query) -> V {
         let obj = |fields: Vec<(V, V)>| V::from(fields.into_iter().collect::<BTreeMap<V, V>>());
         let s = &q.subject;
-        let labels: BTreeMap<V, V> = s
-            .labels
-            .iter()
-            .map(|(k, v)| (V::from(k.as_str()), V::from(v.as_str())))
-            .collect();
         let sandbox = self.recurring(SANDBOX, &s.sandbox);
         let k = &self.k;
         let subject = obj(vec![
@@ -253,7 +254,7 @@ impl Interned {
             (k.uid.clone(), V::from(s.uid)),
             (k.comm.clone(), V::from(s.comm.as_str())),
             (k.exe.clone(), s.exe.as_deref().map_or(V::Null, V::from)),
-            (k.labels.clone(), V::from(labels)),
+            (k.labels.clone(), labels_value(&s.labels)),
         ]);
         let resource = match &q.resource {
             Resource::Net {
@@ -274,10 +275,7 @@ impl Interned {
             }
             Resource::File { path, access } => obj(vec![
                 (k.path.clone(), V::from(path.as_str())),
-                (
-                    k.access.clone(),
-                    V::from(access.iter().map(|a| V::from(a.as_str())).collect::<Vec<_>>()),
-                ),
+                (k.access.clone(), access_value(access)),
             ]),
             Resource::Exec { path } => obj(vec![(k.path.clone(), V::from(path.as_str()))]),
         };

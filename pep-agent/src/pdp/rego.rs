@@ -86,10 +86,7 @@ impl Rego {
     pub fn eval(&self, query: &str, input: &Value) -> Result<Option<Value>, RegoError> {
         let mut inner = self.engine.lock().unwrap_or_else(|e| e.into_inner());
         let value = inner.eval(query, &self.query, regorus::Value::from(input.clone()))?;
-        if value == regorus::Value::Undefined {
-            return Ok(None);
-        }
-        to_json(query, &value).map(Some)
+        defined_json(query, &value)
     }
 
     /// This engine with every decision made by the interpreter, the
@@ -158,10 +155,15 @@ fn one_line(diag: &str, file: &str) -> String {
 /// reference into `data`) against `input`. `None`: undefined.
 pub fn eval_in(engine: &mut regorus::Engine, query: &str, input: &Value) -> Result<Option<Value>, RegoError> {
     let value = eval_value(engine, query, regorus::Value::from(input.clone()))?;
-    if value == regorus::Value::Undefined {
+    defined_json(query, &value)
+}
+
+/// `value` as JSON; `None` when undefined.
+fn defined_json(query: &str, value: &regorus::Value) -> Result<Option<Value>, RegoError> {
+    if *value == regorus::Value::Undefined {
         return Ok(None);
     }
-    to_json(query, &value).map(Some)
+    to_json(query, value).map(Some)
 }
 
 /// `eval_in` on an input already in regorus' form; the value as regorus
