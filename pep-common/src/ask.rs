@@ -103,7 +103,11 @@ pub struct AskEvent {
     pub sport: u32,
     /// `ASK_*`.
     pub disposition: u32,
-    /// Held connects: 1 once the event went to userspace.
+    /// Held connects: 0 until the event went to userspace; then how long,
+    /// in ns, the kernel's connect path took from the miss (`connect4/6`)
+    /// to the event leaving (`TIMEOUT_INIT`), at least 1 and saturated at
+    /// `u32::MAX`. It splits a miss's time to receipt in userspace into
+    /// the kernel's own part and the wakeup's.
     pub sent: u32,
     /// The socket's own family (an IPv6 socket may reach an IPv4 peer).
     pub sock_family: u32,

@@ -370,7 +370,13 @@ fn on_timeout_init(ctx: &SockOpsContext) -> u32 {
     set_tcp_opt(ctx, TCP_SYNCNT, syncnt as i32);
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     if ev.sent == 0 {
-        ev.sent = 1;
+        // SAFETY: plain helper call.
+        let took = unsafe { bpf_ktime_get_boot_ns() }.saturating_sub(ev.header.ts_boot_ns);
+        ev.sent = if took >= u64::from(u32::MAX) {
+            u32::MAX
+        } else {
+            (took as u32).max(1)
+        };
         ev.sock_family = ctx.family();
         if ctx.family() == pep_common::event::AF_INET {
             ev.saddr = [0; 16];

@@ -464,18 +464,26 @@ enum Prep {
     /// One byte written per 64-byte line of `EVICT_MB`, no wait: the data
     /// cache evicted, hardly any time passed.
     Evict,
+    /// One byte written per 4 KiB page of `EVICT_MB`: the TLB swept, a
+    /// sixteenth of the lines touched (an eighth of L2).
+    Pages,
+    /// A round trip through a pipe to another process on this CPU (`cat`):
+    /// what precedes a miss of the stream, whose application ran there.
+    Switch,
 }
 
 /// The cold section's scenarios, measured round robin (one sample of each
 /// per round) so that the host's noise hits them alike; the first is the
 /// baseline.
-const COLD: [Prep; 6] = [
+const COLD: [Prep; 8] = [
     Prep::Warm,
     Prep::Sleep(150),
     Prep::Spin(150),
     Prep::Sleep(5),
     Prep::Spin(5),
     Prep::Evict,
+    Prep::Pages,
+    Prep::Switch,
 ];
 
 /// Eight times the development VM's L2 (2 MiB), half its L3 (32 MiB): a
@@ -489,10 +497,12 @@ impl Prep {
             Self::Sleep(ms) => format!("after {ms} ms asleep"),
             Self::Spin(ms) => format!("after {ms} ms spinning"),
             Self::Evict => format!("after evicting {EVICT_MB} MB"),
+            Self::Pages => format!("after a page each of {EVICT_MB} MB"),
+            Self::Switch => "after another process ran".into(),
         }
     }
 
-    fn run(self, buf: &mut [u8]) {
+    fn run(self, buf: &mut [u8], peer: &mut Peer) {
         match self {
             Self::Warm => {}
             Self::Sleep(ms) => std::thread::sleep(Duration::from_millis(ms)),
@@ -503,7 +513,53 @@ impl Prep {
                 }
             }
             Self::Evict => touch(buf),
+            Self::Pages => {
+                for b in buf.iter_mut().step_by(4096) {
+                    *b = b.wrapping_add(1);
+                }
+                std::hint::black_box(buf);
+            }
+            Self::Switch => peer.round_trip(),
         }
+    }
+}
+
+/// A process pinned to the decisions' CPU that echoes what it is sent.
+struct Peer {
+    child: std::process::Child,
+}
+
+impl Peer {
+    fn start(cpu: Option<usize>) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = Command::new("cat");
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        if let Some(c) = cpu {
+            // SAFETY: only sched_setaffinity between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || pin(c));
+            }
+        }
+        Self {
+            child: cmd.spawn().expect("cat"),
+        }
+    }
+
+    fn round_trip(&mut self) {
+        use std::io::Read as _;
+        let (Some(i), Some(o)) = (self.child.stdin.as_mut(), self.child.stdout.as_mut()) else {
+            panic!("cat's pipes");
+        };
+        i.write_all(b"x").expect("to cat");
+        let mut b = [0u8; 1];
+        o.read_exact(&mut b).expect("from cat");
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -540,6 +596,8 @@ fn cold_decisions(engine: &Rego, query: &Query, cpu: Option<usize>, n: usize) ->
     let mut buf = vec![0u8; EVICT_MB << 20];
     // Its pages faulted in now, so that an eviction does not fault.
     touch(&mut buf);
+    let mut peer = Peer::start(cpu);
+    peer.round_trip();
     let mut lat = vec![(Vec::with_capacity(n), Vec::with_capacity(n)); COLD.len()];
     for _ in 0..n {
         for (prep, (lat, took)) in COLD.iter().zip(&mut lat) {
@@ -548,7 +606,7 @@ fn cold_decisions(engine: &Rego, query: &Query, cpu: Option<usize>, n: usize) ->
                 decide();
             }
             let t = Instant::now();
-            prep.run(&mut buf);
+            prep.run(&mut buf, &mut peer);
             took.push(t.elapsed().as_nanos() as u64);
             lat.push(decide());
         }

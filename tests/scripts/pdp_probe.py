@@ -4,6 +4,8 @@
 Usage: pdp_probe.py CMD ARGS... [; CMD ARGS...]  (commands separated by ';')
   tcp HOST PORT      blocking connect (no timeout)
   tcpnb HOST PORT    non-blocking connect, then poll (5 s) and SO_ERROR
+  tcpgone HOST PORT  non-blocking connect, closed 50 ms later (a held
+                     connect given up before its answer): OK
   udp HOST PORT      sendto on an unconnected UDP socket
   metrics HOST PORT  GET /metrics of a `pdp serve`: prints the request count
   kill PID           SIGKILL a process
@@ -50,6 +52,17 @@ def run(cmd, args):
         finally:
             s.close()
         return "INPROGRESS_OK"
+    if cmd == "tcpgone":
+        s = socket.socket(fam(args[0]), socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            rc = s.connect_ex((args[0], int(args[1])))
+            if rc != errno.EINPROGRESS:
+                return "NOT_HELD_" + errno.errorcode.get(rc, str(rc))
+            time.sleep(0.05)
+        finally:
+            s.close()
+        return "OK"
     if cmd == "udp":
         s = socket.socket(fam(args[0]), socket.SOCK_DGRAM)
         try:

@@ -324,6 +324,71 @@ fn pdp_slower_than_its_timeout_does_not_hang() {
     assert!(slow.requests.load(Ordering::SeqCst) >= 1);
 }
 
+/// A held connect whose socket closes before the PDP answers: the answer
+/// is cached for the next connect, nothing is released or destroyed, and
+/// the record says the attempt ended (a deny, whatever the answer). In a
+/// run the release itself finds the hold gone (no lookup before it).
+#[test]
+fn a_connect_closed_before_its_answer_is_recorded_as_ended() {
+    let s = Scratch::new("pdp-gone");
+    let allowed = tcp_server("127.0.0.1:0").port();
+    let denied = tcp_server("127.0.0.1:0").port();
+    // Answers after the probe has closed its socket.
+    let slow = fake_opa(Duration::from_millis(400), move |dport| {
+        format!(r#"{{"result": {}}}"#, dport == u64::from(allowed))
+    });
+    let url = format!("http://{}/v1/data/pep/decision", slow.addr);
+    let p = s.write(
+        "policy.yaml",
+        &format!(
+            "apiVersion: pep/v1\nname: pdptest\nnetwork:\n  default: ask\n\
+             pdp:\n  engine: opa\n  opa: {{ url: \"{url}\", timeout_ms: 3000 }}\n  cache_ttl_s: 60\n"
+        ),
+    );
+    let audit = s.dir.join("audit.jsonl");
+    let (res, out) = probe(
+        &p,
+        &audit,
+        &[
+            cmd(&["tcpgone", "127.0.0.1", &allowed.to_string()]), // 0: held, closed
+            cmd(&["tcpgone", "127.0.0.1", &denied.to_string()]),  // 1: held, closed
+            cmd(&["sleep", "1.2"]),                               // 2: both answered
+            tcp("127.0.0.1", allowed),                            // 3: the cached allow
+            tcp("127.0.0.1", denied),                             // 4: the cached deny
+        ],
+    );
+    let ctx = describe(&out);
+    assert_eq!(
+        results(&res),
+        ["OK", "OK", "OK", "OK", "EPERM"],
+        "the answers given after the close serve the next connects\n{ctx}"
+    );
+    assert_eq!(
+        slow.requests.load(Ordering::SeqCst),
+        2,
+        "one ask per destination\n{ctx}"
+    );
+    let recs = read_audit(&audit);
+    for (port, answer) in [(allowed, "allow"), (denied, "deny")] {
+        let mine: Vec<&serde_json::Value> = recs
+            .iter()
+            .filter(|r| r["net"]["dport"] == port && r["action"] == "net.connect")
+            .collect();
+        assert_eq!(mine.len(), 2, "{port}: {mine:#?}");
+        let r = mine[0];
+        assert_eq!(r["source"], "pdp", "{r:#}");
+        assert_eq!(
+            r["verdict"], "deny",
+            "an ended attempt was not let through: {r:#}"
+        );
+        assert_eq!(r["pdp"]["answer"], answer, "{r:#}");
+        assert_eq!(r["pdp"]["attempt"], "held, ended before the answer", "{r:#}");
+        assert!(r["pdp"]["held_ms"].as_u64().is_some_and(|ms| ms >= 300), "{r:#}");
+        assert_eq!(mine[1]["source"], "cache", "{:#}", mine[1]);
+        assert_eq!(mine[1]["verdict"], answer, "{:#}", mine[1]);
+    }
+}
+
 #[test]
 fn opa_answer_shapes() {
     let s = Scratch::new("pdp-shapes");

@@ -165,6 +165,19 @@ impl Ask {
         })
     }
 
+    /// Its verdict-cache key.
+    pub(super) fn key(&self) -> VerdictKey {
+        self.parts.key
+    }
+
+    /// The held socket's cookie (0 when nothing is held).
+    pub(super) fn cookie(&self) -> u64 {
+        match &self.parts.target {
+            Target::Net { ev, .. } => ev.cookie,
+            Target::Exec { .. } => 0,
+        }
+    }
+
     /// What the cached verdict is remembered by for `source: cache` records.
     fn origin_key(&self) -> OriginKey {
         let key = self.parts.key;
@@ -268,33 +281,42 @@ pub(super) fn finish(
             Target::Net { ev, daddr } if disposition == ASK_HELD => Some((ev, *daddr)),
             _ => None,
         };
-        let ended = held.is_some_and(|(ev, _)| maps.pending.get(&ev.cookie, 0).is_err());
         // The host daemon keeps the record before anything is applied:
-        // killed before writing it, the next daemon writes it from this.
+        // killed before writing it, the next daemon writes it from this,
+        // so it looks the mark up first. A run learns it from the release
+        // itself: one system call fewer before the answer is in force.
+        let gone_before =
+            shared.acks.is_some() && held.is_some_and(|(ev, _)| maps.pending.get(&ev.cookie, 0).is_err());
         let early = shared.acks.as_ref().map(|a| {
-            let (verdict, pdp) = record(ended);
+            let (verdict, pdp) = record(gone_before);
             if let Err(e) = a.applied(applied_key, &applied_answer(verdict, &pdp)) {
                 tracing::error!("keeping an applied answer: {e}");
             }
             (verdict, pdp)
         });
-        if let Some((ev, daddr)) = held
-            && !ended
-        {
-            release_or_destroy(&mut maps, ev, out.allow, daddr);
-        }
+        let ended = match held {
+            Some((ev, daddr)) if !gone_before => {
+                release_or_destroy(&mut maps, ev, out.allow, daddr) == Hold::Gone
+            }
+            _ => gone_before,
+        };
         drop(maps);
         (ended, early)
     };
     // The answer is in force: the rest is the record.
     let written_ns = boot_ns();
     let (verdict, pdp) = early.unwrap_or_else(|| record(ended));
+    let in_kernel = match &target {
+        Target::Net { ev, .. } if disposition == ASK_HELD => u64::from(ev.sent),
+        _ => 0,
+    };
     shared
         .timings
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(AskTiming {
             to_receipt: received_ns.saturating_sub(ts_boot_ns),
+            in_kernel,
             query: query_ns.saturating_sub(received_ns),
             engine: engine_done_ns.saturating_sub(query_ns),
             to_map: written_ns.saturating_sub(engine_done_ns),
@@ -437,14 +459,34 @@ fn unavailable(
     }
 }
 
+/// What `release_or_destroy` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Hold {
+    /// The connect was held, and the answer is applied to it (or, for a
+    /// deny that could not be applied, it stays held until it times out).
+    Applied,
+    /// Nothing was held any more: the socket had closed (or timed out)
+    /// before the answer.
+    Gone,
+}
+
 /// Allow: clear the pending mark, so the next SYN retransmit leaves.
 /// Deny: abort the socket (ECONNABORTED). If that fails for any reason but
 /// the socket being gone, the mark stays: the SYN never leaves and the
 /// connect times out (fail closed).
-pub(super) fn release_or_destroy(maps: &mut AskMaps, ev: &AskEvent, allow: bool, daddr: std::net::IpAddr) {
+pub(super) fn release_or_destroy(
+    maps: &mut AskMaps,
+    ev: &AskEvent,
+    allow: bool,
+    daddr: std::net::IpAddr,
+) -> Hold {
     if allow {
-        let _ = maps.pending.remove(&ev.cookie);
-        return;
+        return match maps.pending.remove(&ev.cookie) {
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Hold::Gone
+            }
+            _ => Hold::Applied,
+        };
     }
     let family = ev.sock_family as u8;
     let local = match i32::from(family) {
@@ -462,10 +504,15 @@ pub(super) fn release_or_destroy(maps: &mut AskMaps, ev: &AskEvent, allow: bool,
     match sockdiag::destroy(&t) {
         Ok(()) => {
             let _ = maps.pending.remove(&ev.cookie);
+            Hold::Applied
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
             let _ = maps.pending.remove(&ev.cookie);
+            Hold::Gone
         }
-        Err(e) => tracing::error!("SOCK_DESTROY {t:?}: {e} (the connect will time out)"),
+        Err(e) => {
+            tracing::error!("SOCK_DESTROY {t:?}: {e} (the connect will time out)");
+            Hold::Applied
+        }
     }
 }

@@ -163,7 +163,12 @@ pub fn report(task: &AskTask) {
     tracing::info!(
         "pdp: miss-to-verdict n={} p50_us={k50} p99_us={k99} max_us={kmax}; stages p50/p99/max us: {}, {}, {}, {}",
         all.len(),
-        stage("kernel-to-receipt", &|t| t.to_receipt),
+        format!(
+            "{} ({}, {})",
+            stage("kernel-to-receipt", &|t| t.to_receipt),
+            stage("in the kernel's connect path", &|t| t.in_kernel),
+            stage("then to receipt", &|t| t.to_receipt.saturating_sub(t.in_kernel)),
+        ),
         stage("query", &|t| t.query),
         stage("engine", &|t| t.engine),
         stage("to-map", &|t| t.to_map),

@@ -122,6 +122,11 @@ pub(super) struct Shared {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AskTiming {
     pub to_receipt: u64,
+    /// Of `to_receipt`, the kernel's connect path from the miss to the ask
+    /// leaving the kernel (a held connect's is sent once its SYN is built,
+    /// `AskEvent::sent`); 0 for a miss sent where it happened. The rest of
+    /// `to_receipt` is the wakeup of this thread and the read.
+    pub in_kernel: u64,
     pub query: u64,
     pub engine: u64,
     pub to_map: u64,
@@ -430,6 +435,9 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
     // last one (what the keep-warm decides for).
     let mut streak = Streak::default();
     let mut last_asked: Option<Arc<AskSettings>> = None;
+    // The last network miss as the ring carried it: what the keep-warm
+    // takes through a miss's path (the buffer is reused).
+    let mut last_net: Vec<u8> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let warming = streak.warming(Instant::now());
         let mut pfd = libc::pollfd {
@@ -454,7 +462,7 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
             && warming
             && let Some(s) = &last_asked
         {
-            keep_warm(shared, s, cpu);
+            keep_warm(shared, s, &last_net, &mut exes, cpu);
         }
         if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             tracing::error!("poll on the ask ring: {}", std::io::Error::last_os_error());
@@ -463,7 +471,12 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
         loop {
             let (miss, end) = {
                 let Some(item) = asks.next_record() else { break };
-                (Miss::read(item), asks.position())
+                let miss = Miss::read(item);
+                if let Some(Miss::Net(_)) = &miss {
+                    last_net.clear();
+                    last_net.extend_from_slice(item);
+                }
+                (miss, asks.position())
             };
             let received_ns = boot_ns();
             // What the record will hand back (the daemon), or the miss is
@@ -559,16 +572,40 @@ fn no_record(shared: &Shared, token: Option<u64>) {
     }
 }
 
-/// One throwaway decision (`warm_up`) and a verdict-cache lookup, the
-/// paths a miss takes. Its cost is the thread's CPU time since `cpu_before`
-/// (taken before the wait, so the timed-out wait's wakeup counts too).
-fn keep_warm(shared: &Shared, settings: &AskSettings, cpu_before: u64) {
-    warm_up(settings);
-    let _ = shared
-        .maps
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&VerdictKey::default());
+/// The path a miss takes in this thread, on the last network miss
+/// (`last_net`, as the ring carried it) without its effects: decoded, its
+/// query built (the subject named from `exes`, where it is cached), decided
+/// and thrown away, and the two maps its answer goes to read, not written.
+/// Without a network miss yet (a stream of exec misses): one throwaway
+/// decision (`warm_up`) and a verdict-cache lookup. The code and data of
+/// each stage stay cached, not only the engine's: the stages before and
+/// after the decision took as long as it cold. Its cost is the thread's
+/// CPU time since `cpu_before` (taken before the wait, so the timed-out
+/// wait's wakeup counts too).
+fn keep_warm(
+    shared: &Shared,
+    settings: &Arc<AskSettings>,
+    last_net: &[u8],
+    exes: &mut ExeCache,
+    cpu_before: u64,
+) {
+    let ask = Miss::read(last_net).and_then(|m| Ask::new(settings.clone(), m, boot_ns(), exes));
+    match ask {
+        Some(ask) => {
+            let _ = settings.pdp.decide_now(&ask.query);
+            let maps = shared.maps.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = maps.get(&ask.key());
+            let _ = maps.pending.get(&ask.cookie(), 0);
+        }
+        None => {
+            warm_up(settings);
+            let _ = shared
+                .maps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&VerdictKey::default());
+        }
+    }
     shared.warmed.fetch_add(1, Ordering::Relaxed);
     shared
         .warm_cpu_ns
