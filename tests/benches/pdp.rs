@@ -14,7 +14,10 @@
 //!    run's own measurement, logged at exit, with where the time went:
 //!    kernel to receipt, building the query, the engine, writing the map),
 //!    with pinned processes in two placements (`Placement`), each with the
-//!    default idle states and latency-tuned (`/dev/cpu_dma_latency` 0).
+//!    default idle states and latency-tuned (`/dev/cpu_dma_latency` 0);
+//! 5. the kernel programs' own run time (`kernel.bpf_stats_enabled`, on for
+//!    that run only): `connect4`, `ask_sock_ops` and `ask_egress` per run on
+//!    misses of a stream and on cache hits back to back.
 //!
 //! `cargo bench -p pep-tests --bench pdp [-- --quick]` (as root).
 
@@ -372,6 +375,60 @@ fn main() {
         "kernel miss to verdict in map, lone misses {LONE_GAP_MS} ms apart (keep-warm expired), default idle: {}",
         lone.text
     ));
+    // 5. What the kernel programs themselves take per run, on misses of a
+    // stream and on cache hits back to back (the kernel's run-time
+    // statistics, on only for this run): the kernel part of a miss's time
+    // before the ask leaves is mostly connect4's own run, cold.
+    let mut agent = Agent::start(&policy, plans[0].1);
+    let n_cost = n_miss / 4;
+    let cost_addrs: Vec<String> = (0..n_cost)
+        .map(|i| format!("127.3.{}.{}:{miss_port}", 1 + i / 250, 1 + i % 250))
+        .collect();
+    agent.ask(1, &cache_addr); // the verdict the hits find
+    let cost = match BpfStats::enable() {
+        Ok(stats) => {
+            say(format!(
+                "kernel programs' run time (kernel.bpf_stats_enabled), {n_cost} misses of a stream, then {n_cost} cache hits back to back, then {n_cost} 8 ms apart, {}",
+                plans[0].1.describe()
+            ));
+            let s0 = prog_stats();
+            agent.ask(n_cost, &cost_addrs.join(","));
+            let s1 = prog_stats();
+            agent.ask(n_cost, &cache_addr);
+            let s2 = prog_stats();
+            // Hits as far apart as the misses: what is cold, not what a
+            // miss does more.
+            agent.ask_spaced(n_cost, &cache_addr, 8);
+            let s3 = prog_stats();
+            drop(stats);
+            PROGS
+                .iter()
+                .map(|name| {
+                    let per = |a: &ProgStats, b: &ProgStats| {
+                        let (t0, c0) = a.get(*name).copied().unwrap_or_default();
+                        let (t1, c1) = b.get(*name).copied().unwrap_or_default();
+                        (c1 > c0).then(|| ((t1 - t0) / (c1 - c0), c1 - c0))
+                    };
+                    let text = |r: Option<(u64, u64)>| {
+                        r.map_or("-".to_string(), |(ns, n)| format!("{:.2} us x{n}", ns as f64 / 1e3))
+                    };
+                    let (m, h, spaced) = (per(&s0, &s1), per(&s1, &s2), per(&s2, &s3));
+                    say(format!(
+                        "  {name:13} per run: misses {:>16}   cache hits {:>16}   cache hits 8 ms apart {:>16}",
+                        text(m),
+                        text(h),
+                        text(spaced)
+                    ));
+                    (*name, m, h)
+                })
+                .collect::<Vec<_>>()
+        }
+        Err(e) => {
+            say(format!("  not measured: kernel.bpf_stats_enabled: {e}"));
+            Vec::new()
+        }
+    };
+    let _ = agent.finish();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("pdp.txt"), &report);
@@ -440,6 +497,14 @@ fn main() {
         "p50_ns": lone.p50.map(|u| u * 1000), "p99_ns": lone.p99.map(|u| u * 1000),
         "note": format!("{LONE_GAP_MS} ms apart: every decision after the keep-warm stopped; default idle states; {}",
             plans[0].1.describe())}));
+    for (name, m, h) in &cost {
+        if let (Some((m_ns, _)), Some((h_ns, _))) = (m, h) {
+            doc["rows"].as_array_mut().expect("rows").push(serde_json::json!({
+                "scenario": format!("kernel program {name}, run time on a miss of a stream"),
+                "p50_ns": m_ns, "baseline_p50_ns": h_ns, "ratio_p50": *m_ns as f64 / *h_ns as f64,
+                "note": "mean per run (kernel.bpf_stats_enabled); baseline: the same program on cache hits back to back"}));
+        }
+    }
     println!("PEP_BENCH_JSON {doc}");
     let out = std::env::var_os("PEP_BENCH_OUT")
         .map(std::path::PathBuf::from)
@@ -806,6 +871,57 @@ impl Agent {
             eprintln!("{l}");
         }
         stderr
+    }
+}
+
+/// The programs whose run time section 5 reports.
+const PROGS: [&str; 3] = ["connect4", "ask_sock_ops", "ask_egress"];
+
+/// Run time (ns) and count of the loaded programs by name, summed.
+type ProgStats = std::collections::HashMap<String, (u64, u64)>;
+
+/// `bpftool prog show` (installed by `cargo xtask setup`).
+fn prog_stats() -> ProgStats {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .expect("bpftool prog show");
+    let progs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    let mut by_name = ProgStats::new();
+    for p in progs {
+        let (Some(name), Some(t), Some(n)) = (
+            p["name"].as_str(),
+            p["run_time_ns"].as_u64(),
+            p["run_cnt"].as_u64(),
+        ) else {
+            continue;
+        };
+        let e = by_name.entry(name.to_string()).or_default();
+        e.0 += t;
+        e.1 += n;
+    }
+    by_name
+}
+
+/// The kernel's BPF run-time statistics on while this lives (the sysctl as
+/// it was, after).
+struct BpfStats {
+    was: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> std::io::Result<Self> {
+        let was = std::fs::read_to_string(BPF_STATS)?;
+        std::fs::write(BPF_STATS, "1")?;
+        Ok(Self { was })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, self.was.trim());
     }
 }
 
