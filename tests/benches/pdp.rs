@@ -15,6 +15,8 @@
 //!    kernel to receipt, building the query, the engine, writing the map),
 //!    with pinned processes in two placements (`Placement`), each with the
 //!    default idle states and latency-tuned (`/dev/cpu_dma_latency` 0);
+//!    then with `pdp.busy_poll_us` (the ask thread spins for the next miss
+//!    on a CPU of its own), with the held connects' own latency;
 //! 5. the kernel programs' own run time (`kernel.bpf_stats_enabled`, on for
 //!    that run only): `connect4`, `ask_sock_ops` and `ask_egress` per run on
 //!    misses of a stream and on cache hits back to back.
@@ -249,14 +251,16 @@ fn main() {
     let miss_l = TcpListener::bind("0.0.0.0:0").expect("bind");
     let miss_port = miss_l.local_addr().expect("addr").port();
     std::thread::spawn(move || for _c in miss_l.incoming() {});
-    let policy = s.write(
-        "p.yaml",
-        &format!(
-            "apiVersion: pep/v1\nname: bench\nnetwork:\n  default: ask\n  rules:\n\
-             \x20   - allow: {{ cidr: 127.0.0.1/32, ports: [{rule_port}], protocol: tcp }}\n\
-             pdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n  cache_ttl_s: 600\n",
-            rego.display()
-        ),
+    let policy_text = format!(
+        "apiVersion: pep/v1\nname: bench\nnetwork:\n  default: ask\n  rules:\n\
+         \x20   - allow: {{ cidr: 127.0.0.1/32, ports: [{rule_port}], protocol: tcp }}\n\
+         pdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n  cache_ttl_s: 600\n",
+        rego.display()
+    );
+    let policy = s.write("p.yaml", &policy_text);
+    let busy_policy = s.write(
+        "busy.yaml",
+        &format!("{policy_text}  busy_poll_us: {}\n", BUSY_POLL.as_micros()),
     );
     let cpus = plans[0].1;
     say(format!("placement: {}", cpus.describe()));
@@ -335,7 +339,7 @@ fn main() {
             if i == 0 && !tuned {
                 continue; // run 1 above
             }
-            let m = miss_run(&policy, *p, n_miss, &miss_addrs, tuned);
+            let (m, _) = miss_run(&policy, *p, n_miss, &miss_addrs, tuned);
             say(format!(
                 "kernel miss to verdict in map, {}{}: {}",
                 if tuned {
@@ -375,6 +379,38 @@ fn main() {
         "kernel miss to verdict in map, lone misses {LONE_GAP_MS} ms apart (keep-warm expired), default idle: {}",
         lone.text
     ));
+    // 4b. `pdp.busy_poll_us`: the ask thread spins for the next miss for
+    // BUSY_POLL after each one instead of sleeping, on a CPU of its own
+    // (the worker elsewhere), so no wakeup stands between the kernel's ask
+    // and its receipt; and the verdict can be in the map before the held
+    // connect's SYN reaches the egress hook, so the connect is not held
+    // for a retransmit. Its CPU time is in the line.
+    let busy = match Placement::own_cpu() {
+        Some(p) => {
+            let (m, lat) = miss_run(&busy_policy, p, n_miss, &miss_addrs, false);
+            let mut lat: Vec<u64> = lat.into_iter().filter(|l| *l != u64::MAX).collect();
+            let held = (!lat.is_empty()).then(|| (pct(&mut lat, 0.5), pct(&mut lat, 0.99)));
+            say(format!(
+                "kernel miss to verdict in map, busy-poll {} ms (pdp.busy_poll_us), default idle, {}: {}",
+                BUSY_POLL.as_millis(),
+                p.describe(),
+                m.text
+            ));
+            if let Some((h50, h99)) = held {
+                say(format!(
+                    "held connect on a miss, busy-poll: p50 {:.2} ms  p99 {:.2} ms (without: p50 {:.1} ms)",
+                    h50 as f64 / 1e6,
+                    h99 as f64 / 1e6,
+                    pct(&mut miss_lat.clone(), 0.5) as f64 / 1e6
+                ));
+            }
+            Some((p, m, held))
+        }
+        None => {
+            say("busy-poll: not measured: it needs a CPU of its own, and this machine has one".into());
+            None
+        }
+    };
     // 5. What the kernel programs themselves take per run, on misses of a
     // stream and on cache hits back to back (the kernel's run-time
     // statistics, on only for this run): the kernel part of a miss's time
@@ -497,6 +533,22 @@ fn main() {
         "p50_ns": lone.p50.map(|u| u * 1000), "p99_ns": lone.p99.map(|u| u * 1000),
         "note": format!("{LONE_GAP_MS} ms apart: every decision after the keep-warm stopped; default idle states; {}",
             plans[0].1.describe())}));
+    if let Some((p, m, held)) = &busy {
+        let rows = doc["rows"].as_array_mut().expect("rows");
+        rows.push(serde_json::json!({
+            "scenario": "kernel miss to verdict in map, embedded rego, busy-poll",
+            "p50_ns": m.p50.map(|u| u * 1000), "p99_ns": m.p99.map(|u| u * 1000),
+            "note": format!("pdp.busy_poll_us: {}; default idle states; {}", BUSY_POLL.as_micros(), p.describe())}));
+        if let Some((h50, h99)) = held {
+            let mut base = miss_lat.clone();
+            let (b50, b99) = (pct(&mut base, 0.5), pct(&mut base, 0.99));
+            rows.push(serde_json::json!({
+                "scenario": "held connect on a miss, embedded rego, busy-poll",
+                "p50_ns": h50, "p99_ns": h99, "baseline_p50_ns": b50, "baseline_p99_ns": b99,
+                "ratio_p50": *h50 as f64 / b50 as f64, "ratio_p99": *h99 as f64 / b99 as f64,
+                "note": format!("baseline: the held connects of run 1 (no busy-poll; {})", plans[0].1.describe())}));
+        }
+    }
     for (name, m, h) in &cost {
         if let (Some((m_ns, _)), Some((h_ns, _))) = (m, h) {
             doc["rows"].as_array_mut().expect("rows").push(serde_json::json!({
@@ -747,6 +799,18 @@ impl Placement {
         }
     }
 
+    /// Where the busy-poll run goes: the ask thread on a CPU the worker
+    /// does not use. `PEP_BENCH_PDP_CPUS` decides if given (even one CPU
+    /// for both: the cost of sharing); else the last CPU and CPU 0; with
+    /// one CPU, nowhere.
+    fn own_cpu() -> Option<Self> {
+        let plans = Self::plans();
+        match plans.as_slice() {
+            [(_, p)] if std::env::var_os("PEP_BENCH_PDP_CPUS").is_some() => Some(*p),
+            _ => plans.iter().find(|(l, _)| *l == "apart").map(|(_, p)| *p),
+        }
+    }
+
     fn describe(&self) -> String {
         let cpu = |c: Option<usize>| c.map_or("unpinned".to_string(), |c| format!("CPU {c}"));
         format!(
@@ -757,35 +821,41 @@ impl Placement {
     }
 }
 
+/// `pdp.busy_poll_us` of the busy-poll run: the keep-warm's window.
+const BUSY_POLL: Duration = Duration::from_millis(100);
+
 /// How far apart lone misses are: past the keep-warm's 100 ms.
 const LONE_GAP_MS: u64 = 150;
 
 /// One `pep-agent run` that only misses (`n` distinct destinations), with
-/// `/dev/cpu_dma_latency` held at 0 if `tuned`.
-fn miss_run(policy: &Path, cpus: Placement, n: usize, addrs: &str, tuned: bool) -> MissLine {
+/// `/dev/cpu_dma_latency` held at 0 if `tuned`; and the connects' own
+/// latencies (ns, `u64::MAX`: failed).
+fn miss_run(policy: &Path, cpus: Placement, n: usize, addrs: &str, tuned: bool) -> (MissLine, Vec<u64>) {
     let held = if tuned {
         match DmaLatency::hold() {
             Ok(h) => Some(h),
             Err(e) => {
-                return MissLine {
+                let m = MissLine {
                     text: format!("not measured: /dev/cpu_dma_latency: {e}"),
                     p50: None,
                     p99: None,
                 };
+                return (m, Vec::new());
             }
         }
     } else {
         None
     };
     let mut agent = Agent::start(policy, cpus);
-    let failed = agent.ask(n, addrs).iter().filter(|l| **l == u64::MAX).count();
+    let lat = agent.ask(n, addrs);
+    let failed = lat.iter().filter(|l| **l == u64::MAX).count();
     let mut m = MissLine::parse(&agent.finish());
     drop(held);
     if failed > 0 {
         m.text
             .push_str(&format!(" ({failed} of {n} missed connects FAILED)"));
     }
-    m
+    (m, lat)
 }
 
 /// `pep-agent run` of the bench policy around a worker that connects on

@@ -703,3 +703,71 @@ fn keep_warm_is_bounded_and_idle_without_misses() {
     assert_eq!(n, 0, "keep-warm decisions after a lone miss");
     assert_eq!(warmed("sleep 0.3"), 0, "keep-warm decisions without a miss");
 }
+
+/// `pdp.busy_poll_us` (`pdp/spin.rs`): the ask thread spins for the next
+/// miss for that long after each, and only then; the answers are the same
+/// as without it. A run of two misses then 700 ms without any spins at
+/// least a quarter of its 200 ms window and no longer than the window (a
+/// thread that kept spinning would take about 700 ms of CPU); a run
+/// without the setting spins not at all.
+#[test]
+fn busy_poll_spins_only_in_the_window_after_a_miss() {
+    let s = Scratch::new("pdp-busy");
+    let port = tcp_server("127.0.0.1:0").port();
+    let denied = tcp_server("127.0.0.1:0").port();
+    let rego = s.write(
+        "p.rego",
+        &format!(
+            "package pep\ndefault decision := {{\"allow\": true, \"ttl_s\": 60}}\n\
+             decision := {{\"allow\": false, \"ttl_s\": 60}} if input.resource.dport == {denied}\n"
+        ),
+    );
+    let run = |busy_poll_us: u64| -> (String, u64) {
+        let policy = s.write(
+            "policy.yaml",
+            &format!(
+                "apiVersion: pep/v1\nname: pdpbusy\nnetwork:\n  default: ask\n\
+                 pdp:\n  engine: rego\n  rego: {{ files: [{}] }}\n  busy_poll_us: {busy_poll_us}\n",
+                rego.display()
+            ),
+        );
+        let audit = s.dir.join("audit.jsonl");
+        let audit_arg = audit.display().to_string();
+        let script = format!(
+            "(exec 3<>/dev/tcp/127.0.0.1/{port}) && echo allowed-ok; \
+             (exec 3<>/dev/tcp/127.0.0.1/{denied}) 2>/dev/null || echo denied-failed; sleep 0.7"
+        );
+        let out = std::process::Command::new(pep_agent_bin())
+            .env("PEP_LOG", "warn,pep_agent::pdp=info")
+            .args(["run", "--policy"])
+            .arg(&policy)
+            .args(["--audit", &audit_arg, "--", "bash", "-c", &script])
+            .output()
+            .expect("spawn pep-agent");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "busy_poll_us {busy_poll_us}: {err}");
+        let spun_us = err
+            .lines()
+            .find_map(|l| l.split("busy-poll cpu_us=").nth(1))
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no busy-poll figure in: {err}"));
+        (String::from_utf8_lossy(&out.stdout).into_owned(), spun_us)
+    };
+    let (stdout, spun_us) = run(200_000);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["allowed-ok", "denied-failed"],
+        "busy-polling changes no answer"
+    );
+    assert!(
+        (50_000..=260_000).contains(&spun_us),
+        "{spun_us} us of CPU spent busy-polling a 200 ms window after two misses (then 700 ms without)"
+    );
+    let (stdout, spun_us) = run(0);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["allowed-ok", "denied-failed"]
+    );
+    assert_eq!(spun_us, 0, "busy-polling without busy_poll_us");
+}

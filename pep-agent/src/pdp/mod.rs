@@ -16,7 +16,8 @@
 //!   side of asking (the verdict cache and held connects in BPF maps,
 //!   SOCK_DESTROY, the misses as decoded, the task that answers them during
 //!   `pep-agent run`, and what each cached verdict came from); `warm`:
-//!   keeping the embedded engine warm while a sandbox is missing.
+//!   keeping the embedded engine warm while a sandbox is missing; `spin`:
+//!   `pdp.busy_poll_us`, spinning for the next miss instead of sleeping.
 
 pub mod acks;
 pub mod answer;
@@ -38,6 +39,7 @@ pub mod revision;
 pub mod rules;
 pub mod serve;
 pub mod sockdiag;
+mod spin;
 pub mod standalone;
 pub mod task;
 pub mod warm;

@@ -62,6 +62,7 @@ pub(super) fn orphan(shared: &Shared, miss: Miss, token: Option<u64>) {
         on_unavailable: OnUnavailable::Deny,
         stale_window_s: 0,
         budget: Duration::ZERO,
+        busy_poll: Duration::ZERO,
     });
     finish_orphan(shared, settings, miss, token, Err(orphaned()));
 }

@@ -127,6 +127,7 @@ pub fn settings(pdp: Arc<dyn Pdp>, policy: &Policy, sandbox_id: u32, sandbox_nam
         on_unavailable: policy.pdp.on_unavailable,
         stale_window_s: policy.pdp.stale_window_s,
         budget: budget(policy),
+        busy_poll: Duration::from_micros(policy.pdp.busy_poll_us),
     }
 }
 
@@ -180,9 +181,13 @@ pub fn report(task: &AskTask) {
 /// a run without misses (then none).
 fn report_keep_warm(task: &AskTask, misses: usize) {
     let (warmed, cpu_ns) = task.keep_warm_cost();
+    let spun_ns = task.busy_poll_cost();
+    let per_miss = |ns: u64| ns as f64 / 1000.0 / misses.max(1) as f64;
     tracing::info!(
-        "pdp: keep-warm decisions={warmed} cpu_us={} ({:.1} us per miss)",
+        "pdp: keep-warm decisions={warmed} cpu_us={} ({:.1} us per miss); busy-poll cpu_us={} ({:.1} us per miss)",
         cpu_ns / 1000,
-        cpu_ns as f64 / 1000.0 / misses.max(1) as f64
+        per_miss(cpu_ns),
+        spun_ns / 1000,
+        per_miss(spun_ns)
     );
 }

@@ -55,6 +55,7 @@ use super::{
     cache::boot_ns,
     kernel::AskMaps,
     miss::Miss,
+    spin::{BusyPoll, Waited},
     warm::{Streak, WARM_EVERY_MS, boost_priority, thread_cpu_ns, warm_up},
 };
 use crate::{audit::decode::Decision, audit::exe::ExeCache, audit::ring::CommitRing, policy::OnUnavailable};
@@ -77,6 +78,9 @@ pub struct AskSettings {
     pub stale_window_s: u64,
     /// Longest wait for one answer.
     pub budget: Duration,
+    /// `pdp.busy_poll_us`: how long after a miss the thread spins for the
+    /// next (`spin`).
+    pub busy_poll: Duration,
 }
 
 /// One audit record produced by the PDP task.
@@ -104,6 +108,8 @@ pub(super) struct Shared {
     /// took, in ns.
     pub(super) warmed: AtomicU64,
     pub(super) warm_cpu_ns: AtomicU64,
+    /// The thread CPU time spent busy-polling (`spin`), in ns.
+    pub(super) spun_ns: AtomicU64,
     /// The thread reads no miss until this is set (`AskTask::resume`).
     pub(super) reading: AtomicBool,
     /// Told of every record sent, so that the daemon writes it at once
@@ -305,6 +311,11 @@ impl AskTask {
         )
     }
 
+    /// The thread CPU time spent busy-polling so far (ns).
+    pub fn busy_poll_cost(&self) -> u64 {
+        self.shared.spun_ns.load(Ordering::Relaxed)
+    }
+
     /// The timings of the asks answered so far.
     pub fn timings(&self) -> Vec<AskTiming> {
         self.shared
@@ -375,6 +386,7 @@ fn spawn_inner(
         timings: Mutex::new(Vec::new()),
         warmed: AtomicU64::new(0),
         warm_cpu_ns: AtomicU64::new(0),
+        spun_ns: AtomicU64::new(0),
         reading: AtomicBool::new(!paused),
         wake,
         acks,
@@ -438,8 +450,10 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
     // The last network miss as the ring carried it: what the keep-warm
     // takes through a miss's path (the buffer is reused).
     let mut last_net: Vec<u8> = Vec::new();
+    let mut busy = BusyPoll::default();
     while !stop.load(Ordering::SeqCst) {
-        let warming = streak.warming(Instant::now());
+        let now = Instant::now();
+        let warming = streak.warming(now);
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -455,9 +469,22 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
         } else {
             POLL_MS
         };
-        let cpu = thread_cpu_ns();
-        // SAFETY: one valid pollfd; the ring buffer keeps its fd open.
-        let rc = unsafe { libc::poll(&mut pfd, 1, timeout) };
+        let mut cpu = thread_cpu_ns();
+        let rc = match busy.window(now) {
+            Some(until) if timeout > 0 => {
+                let deadline = until.min(now + Duration::from_millis(timeout as u64));
+                let (waited, spun) = busy.spin(&asks, deadline, stop);
+                shared.spun_ns.fetch_add(spun, Ordering::Relaxed);
+                // The keep-warm counts its own time only.
+                cpu += spun;
+                i32::from(waited == Waited::Record)
+            }
+            _ => {
+                busy.rest();
+                // SAFETY: one valid pollfd; the ring buffer keeps its fd open.
+                unsafe { libc::poll(&mut pfd, 1, timeout) }
+            }
+        };
         if rc == 0
             && warming
             && let Some(s) = &last_asked
@@ -504,6 +531,7 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
                 super::recovered::orphan(shared, miss, token);
                 continue;
             };
+            busy.missed(Instant::now(), settings.busy_poll);
             let Some(mut ask) = Ask::new(settings, miss, received_ns, &mut exes) else {
                 no_record(shared, token);
                 continue;

@@ -16,6 +16,8 @@ pub const DEFAULT_CACHE_TTL_S: u64 = 60;
 /// `stale_window_s` when omitted: how long past its expiry a cached verdict
 /// may still be served by `on_unavailable: stale`.
 pub const DEFAULT_STALE_WINDOW_S: u64 = 300;
+/// The longest `busy_poll_us`: a second of one CPU per miss at most.
+pub const MAX_BUSY_POLL_US: u64 = 1_000_000;
 
 /// `pdp:`. Omitted, it is the builtin engine with the defaults below.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +37,10 @@ pub struct PdpConfig {
     /// sandbox as input, holds policy sections (`network`, `files`, `exec`)
     /// that replace the file's own (see `crate::pdp::rules`).
     pub rules: Option<String>,
+    /// `busy_poll_us`: after each miss, how long the ask thread polls the
+    /// kernel's ring by spinning instead of sleeping (0: never; see
+    /// `crate::pdp::spin`). It trades a CPU for the wakeup of the next miss.
+    pub busy_poll_us: u64,
 }
 
 impl Default for PdpConfig {
@@ -47,6 +53,7 @@ impl Default for PdpConfig {
             on_unavailable: OnUnavailable::Deny,
             stale_window_s: DEFAULT_STALE_WINDOW_S,
             rules: None,
+            busy_poll_us: 0,
         }
     }
 }
@@ -107,6 +114,8 @@ struct RawPdp {
     stale_window_s: Option<u64>,
     #[serde(default)]
     rules: Option<RegoQuery>,
+    #[serde(default)]
+    busy_poll_us: Option<u64>,
 }
 
 impl<'de> Deserialize<'de> for PdpConfig {
@@ -122,6 +131,12 @@ impl<'de> Deserialize<'de> for PdpConfig {
                 }
                 _ => {}
             }
+            let busy_poll_us = raw.busy_poll_us.unwrap_or(0);
+            if busy_poll_us > MAX_BUSY_POLL_US {
+                return Err(format!(
+                    "`busy_poll_us: {busy_poll_us}` is more than {MAX_BUSY_POLL_US} (a second of spinning after each miss)"
+                ));
+            }
             Ok(Self {
                 engine,
                 rego: raw.rego,
@@ -130,6 +145,7 @@ impl<'de> Deserialize<'de> for PdpConfig {
                 on_unavailable: raw.on_unavailable.unwrap_or(OnUnavailable::Deny),
                 stale_window_s: raw.stale_window_s.unwrap_or(DEFAULT_STALE_WINDOW_S),
                 rules: raw.rules.map(|q| q.0),
+                busy_poll_us,
             })
         })
     }

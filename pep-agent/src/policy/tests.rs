@@ -286,8 +286,10 @@ pdp:
   opa: { url: 'https://pdp.internal:8181/v1/data/x/allow' }
   cache_ttl_s: 0
   on_unavailable: stale
+  busy_poll_us: 20000
 ",
     );
+    assert_eq!(p.pdp.busy_poll_us, 20_000);
     assert_eq!(p.mode, Mode::Audit);
     assert_eq!(p.mode.to_kernel(), pep_common::sandbox::MODE_AUDIT);
     assert_eq!(p.pdp.engine, Engine::Opa);
@@ -299,6 +301,7 @@ pdp:
     let rego = p.pdp.rego.unwrap();
     assert_eq!(rego.files, [PathBuf::from("/etc/pep/p.rego")]);
     assert_eq!(rego.query, DEFAULT_REGO_QUERY);
+    assert_eq!(p.pdp.busy_poll_us, 0, "off unless asked for");
 }
 
 #[test]

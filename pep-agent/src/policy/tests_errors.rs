@@ -160,6 +160,14 @@ fn pdp_errors() {
             "pdp:\n  rego: { files: [a.rego], query: 'pep.decision' }\n",
             r#"p.yaml:3:35: pdp.rego.query: bad Rego query `pep.decision`: expected `data.<package>.<rule>` such as `data.pep.decision`"#,
         ),
+        (
+            "pdp:\n  busy_poll_us: 2000000\n",
+            r#"p.yaml:3:3: pdp: `busy_poll_us: 2000000` is more than 1000000 (a second of spinning after each miss)"#,
+        ),
+        (
+            "pdp:\n  busy_poll_us: -5\n",
+            r#"p.yaml:3:17: pdp.busy_poll_us: invalid type: integer `-5`, expected u64"#,
+        ),
     ]);
 }
 
