@@ -4,7 +4,8 @@
 //! released or destroyed, one audit record per ask to the audit pipeline).
 //!
 //! Latency: the misses are read by a real-time thread of their own that
-//! blocks on the ring buffer; an embedded engine decides right there on the
+//! blocks on the ring buffer (or spins on it for `pdp.busy_poll_us` after
+//! a miss, `spin`); an embedded engine decides right there on the
 //! query struct (`Pdp::decide_now`), so a verdict is in the map without a
 //! thread hop or a JSON document; a remote one is asked on tokio. Each ask
 //! is timed by stage (`AskTiming`).
@@ -470,7 +471,8 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
             POLL_MS
         };
         let mut cpu = thread_cpu_ns();
-        let rc = match busy.window(now) {
+        let window = busy.window(now);
+        let rc = match window {
             Some(until) if timeout > 0 => {
                 let deadline = until.min(now + Duration::from_millis(timeout as u64));
                 let (waited, spun) = busy.spin(&asks, deadline, stop);
@@ -480,7 +482,9 @@ fn read_asks(shared: &Arc<Shared>, mut asks: CommitRing, stop: &AtomicBool, rt: 
                 i32::from(waited == Waited::Record)
             }
             _ => {
-                busy.rest();
+                if window.is_none() {
+                    busy.rest();
+                }
                 // SAFETY: one valid pollfd; the ring buffer keeps its fd open.
                 unsafe { libc::poll(&mut pfd, 1, timeout) }
             }
